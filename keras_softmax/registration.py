@@ -1,0 +1,54 @@
+"""Makes "stable_softmax" and "stable_log_softmax" work as activation names.
+
+`keras.activations.get` resolves a string only from Keras' built-in table
+(`ALL_OBJECTS_DICT` in keras/src/activations/__init__.py, as of Keras 3.15)
+and ignores registered custom objects, so registration alone does not make
+`Dense(..., activation="stable_softmax")` work. The names are added to that
+table, and the result is checked through the public API: if a future Keras
+stops reading the table, importing keras_softmax warns, and the test suite,
+which turns that warning into an error, fails.
+"""
+
+import warnings
+
+import keras
+from keras.src import activations as _keras_activations
+
+from keras_softmax.softmax import stable_log_softmax
+from keras_softmax.softmax import stable_softmax
+
+ACTIVATIONS = {
+    "stable_softmax": stable_softmax,
+    "stable_log_softmax": stable_log_softmax,
+}
+
+
+def register_activations() -> None:
+    """Registers the activation names; warns if Keras does not resolve them."""
+    table = getattr(_keras_activations, "ALL_OBJECTS_DICT", None)
+    for name, fn in ACTIVATIONS.items():
+        # Saved models name the function by its registered name.
+        keras.saving.register_keras_serializable(package="keras_softmax")(fn)
+        if isinstance(table, dict) and table.get(name, fn) is fn:
+            table[name] = fn
+
+    unresolved = [name for name, fn in ACTIVATIONS.items() if not _resolves(name, fn)]
+    if unresolved:
+        warnings.warn(
+            f"keras_softmax could not register the activation names "
+            f"{unresolved} with Keras {keras.__version__}: "
+            f"`activation={unresolved[0]!r}` will not work. Pass the function "
+            "itself, e.g. `activation=keras_softmax.stable_softmax`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _resolves(name, fn):
+    try:
+        return (
+            keras.activations.get(name) is fn
+            and keras.activations.deserialize(keras.activations.serialize(fn)) is fn
+        )
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,59 @@
+"""The float64 NumPy reference that every numerical claim is tested against."""
+
+import numpy as np
+
+FLOAT32_EPS = 2.0**-23
+# Below this the fused kernels may flush a probability to zero.
+TINY_PROBABILITY = 1e-30
+
+
+def softmax(x, axis=-1, mask=None, temperature=1.0):
+    """exp(z - max z) / sum(exp(z - max z)) with z = x / temperature, in float64."""
+    z = np.asarray(x, dtype=np.float64) / temperature
+    keep = np.ones(z.shape, bool) if mask is None else np.broadcast_to(mask, z.shape)
+    z = np.where(keep, z, -np.inf)
+    top = np.max(z, axis=axis, keepdims=True)
+    dead = top == -np.inf
+    shifted = np.where(dead, -np.inf, z - np.where(dead, 0.0, top))
+    exps = np.exp(shifted)
+    total = np.sum(exps, axis=axis, keepdims=True)
+    return np.where(dead, 0.0, exps / np.where(dead, 1.0, total))
+
+
+def log_softmax(x, axis=-1, mask=None, temperature=1.0):
+    """The float64 log-softmax, computed in log space."""
+    z = np.asarray(x, dtype=np.float64) / temperature
+    keep = np.ones(z.shape, bool) if mask is None else np.broadcast_to(mask, z.shape)
+    z = np.where(keep, z, -np.inf)
+    top = np.max(z, axis=axis, keepdims=True)
+    dead = top == -np.inf
+    shifted = z - np.where(dead, 0.0, top)
+    total = np.sum(np.exp(shifted), axis=axis, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return np.where(dead, -np.inf, shifted - np.log(np.where(dead, 1.0, total)))
+
+
+def assert_close_to_reference(actual, expected, axis=-1, eps=FLOAT32_EPS, rtol=1e-6):
+    """Each probability p within p * (rtol + eps * |ln(p / max p)|).
+
+    The second term is the rounding of the exponent z - max z in the
+    compute dtype, which any implementation must round before exp: it is
+    what the float32 claim "1e-6 relative" means for very small p.
+    Probabilities below TINY_PROBABILITY need only be within it.
+    """
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape
+    top = np.max(expected, axis=axis, keepdims=True) if expected.size else 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.abs(np.log(expected / top))
+    allowed = expected * (rtol + eps * log_ratio) + TINY_PROBABILITY
+    allowed = np.where(expected > 0, allowed, TINY_PROBABILITY)
+    error = np.abs(actual - expected)
+    worst = (
+        np.unravel_index(np.argmax(error - allowed), error.shape) if error.size else ()
+    )
+    assert np.all(error <= allowed), (
+        f"error {error[worst]:.3g} > allowed {allowed[worst]:.3g} at {worst}: "
+        f"actual {actual[worst]!r}, reference {expected[worst]!r}"
+    )

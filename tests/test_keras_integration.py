@@ -1,0 +1,314 @@
+"""Points 6 to 8 of the contract, and the layer and activation names."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from reference import assert_close_to_reference
+from reference import softmax as reference_softmax
+
+import keras_softmax
+from keras_softmax import StableSoftmax
+from keras_softmax import stable_log_softmax
+from keras_softmax import stable_softmax
+
+
+def _run_fresh(code):
+    """Runs `code` in a new interpreter with warnings as errors; returns stdout."""
+    result = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_activation_names_work_in_a_fresh_interpreter_and_through_tf_keras():
+    out = _run_fresh(
+        """
+        import keras, numpy as np, tensorflow as tf
+        import keras_softmax
+        x = np.array([[1.0, 2.0, 3.0]], np.float32)
+        dense = keras.layers.Dense(3, activation="stable_softmax")
+        assert dense.activation is keras_softmax.stable_softmax
+        assert tf.keras.layers.Dense(3, activation="stable_softmax").activation \\
+            is keras_softmax.stable_softmax
+        assert keras.activations.get("stable_softmax") is keras_softmax.stable_softmax
+        assert tf.keras.activations.get("stable_log_softmax") \\
+            is keras_softmax.stable_log_softmax
+        layer = keras.layers.Activation("stable_log_softmax")
+        print(float(np.exp(layer(x)).sum()))
+        """
+    )
+    assert abs(float(out) - 1.0) < 1e-6
+
+
+def test_activation_names_are_unknown_before_the_import():
+    # Guards the test above: Keras must not resolve the name on its own.
+    _run_fresh(
+        """
+        import keras
+        try:
+            keras.activations.get("stable_softmax")
+        except ValueError:
+            pass
+        else:
+            raise SystemExit("Keras resolved stable_softmax by itself")
+        """
+    )
+
+
+def test_registration_warns_loudly_if_keras_stops_reading_its_table(monkeypatch):
+    from keras_softmax import registration
+
+    monkeypatch.setattr(
+        registration._keras_activations, "ALL_OBJECTS_DICT", {}, raising=True
+    )
+    monkeypatch.setattr(keras.activations, "get", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="could not register"):
+        registration.register_activations()
+
+
+def test_layer_consumes_the_mask_of_an_embedding():
+    tokens = np.array([[3, 5, 0, 0], [7, 0, 0, 0]])
+    embedding = keras.layers.Embedding(10, 3, mask_zero=True)
+    dense = keras.layers.Dense(1)
+    inputs = keras.Input((4,), dtype="int32")
+    hidden = embedding(inputs)
+    logits = keras.layers.TimeDistributed(dense)(hidden)
+    probs = StableSoftmax(axis=1)(logits)
+    model = keras.Model(inputs, probs)
+    out = np.asarray(model(tokens))[..., 0]
+    np.testing.assert_array_equal(out[tokens == 0], 0.0)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_layer_consumes_the_mask_of_a_masking_layer():
+    x = np.array([[[1.0], [2.0], [0.0]], [[0.5], [0.0], [0.0]]], np.float32)
+    inputs = keras.Input((3, 1))
+    masked = keras.layers.Masking(0.0)(inputs)
+    probs = StableSoftmax(axis=1)(masked)
+    out = np.asarray(keras.Model(inputs, probs)(x))[..., 0]
+    np.testing.assert_array_equal(out, [[out[0, 0], out[0, 1], 0.0], [1.0, 0.0, 0.0]])
+    assert_close_to_reference(out[:1, :2], reference_softmax([[1.0, 2.0]]))
+
+
+def test_trainable_temperature_is_learned_by_fit_and_stays_positive():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 4)).astype("float32") * 4
+    # Labels drawn from softmax(x / 2): the best temperature is 2.
+    p = reference_softmax(x, temperature=2.0)
+    y = np.array([rng.choice(4, p=row) for row in p])
+    layer = StableSoftmax(temperature=0.5, trainable_temperature=True)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=30, batch_size=128, verbose=0)
+    learned = float(layer.current_temperature())
+    assert 1.6 < learned < 2.5
+    assert [w.name for w in layer.trainable_weights] == ["log_temperature"]
+
+
+def test_get_config_round_trips():
+    layer = StableSoftmax(axis=(1, 2), temperature=0.25, trainable_temperature=True)
+    clone = StableSoftmax.from_config(json.loads(json.dumps(layer.get_config())))
+    assert clone.axis == (1, 2)
+    assert clone.temperature == 0.25
+    assert clone.trainable_temperature is True
+
+
+def _models():
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    by_string = keras.Model(
+        inputs, keras.layers.Dense(4, activation="stable_softmax")(hidden)
+    )
+    tempered = keras.Model(
+        inputs,
+        keras.layers.Dense(4, activation=StableSoftmax(temperature=0.5))(hidden),
+    )
+    trainable = keras.Model(
+        inputs,
+        StableSoftmax(temperature=1.5, trainable_temperature=True)(
+            keras.layers.Dense(4)(hidden)
+        ),
+    )
+    tokens = keras.Input((5,), dtype="int32")
+    logits = keras.layers.TimeDistributed(keras.layers.Dense(1))(
+        keras.layers.Embedding(9, 3, mask_zero=True)(tokens)
+    )
+    masked = keras.Model(tokens, StableSoftmax(axis=1, temperature=0.7)(logits))
+    return {
+        "by_string": by_string,
+        "tempered": tempered,
+        "trainable": trainable,
+        "masked": masked,
+    }
+
+
+def test_models_save_to_keras_files_and_load_in_a_fresh_process(tmp_path):
+    rng = np.random.default_rng(1)
+    inputs = {
+        "x": rng.normal(size=(3, 6)).astype("float32"),
+        "tokens": np.array([[1, 2, 0, 0, 0], [4, 5, 6, 7, 0], [8, 0, 0, 0, 0]]),
+    }
+    expected = {}
+    for name, model in _models().items():
+        if name == "trainable":
+            layer = model.layers[-1]
+            layer.log_temperature.assign(np.log(0.8))  # not the initial value
+        x = inputs["tokens"] if name == "masked" else inputs["x"]
+        expected[name] = np.asarray(model(x))
+        model.save(tmp_path / f"{name}.keras")
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    out = _run_fresh(
+        f"""
+        import json, numpy as np, keras
+        import keras_softmax
+        inputs = np.load({str(tmp_path / "inputs.npz")!r})
+        outputs = {{}}
+        for name in {sorted(expected)!r}:
+            model = keras.saving.load_model(
+                {str(tmp_path)!r} + f"/{{name}}.keras", safe_mode=True
+            )
+            x = inputs["tokens"] if name == "masked" else inputs["x"]
+            outputs[name] = np.asarray(model(x)).tolist()
+        print(json.dumps(outputs))
+        """
+    )
+    loaded = json.loads(out)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(np.asarray(loaded[name], np.float32), values)
+
+
+def test_loss_fusion_charges_about_1000_for_a_confident_mistake_in_eager_mode():
+    logits = tf.constant([[1000.0, 0.0]])
+    probs = stable_softmax(logits)
+    dense = keras.losses.categorical_crossentropy(np.array([[0.0, 1.0]]), probs)
+    sparse = keras.losses.sparse_categorical_crossentropy(np.array([1]), probs)
+    np.testing.assert_allclose(dense, [1000.0], rtol=1e-6)
+    np.testing.assert_allclose(sparse, [1000.0], rtol=1e-6)
+    # Keras' clipped path would have charged -log(1e-7), about 16.1.
+    clipped = keras.losses.categorical_crossentropy(
+        np.array([[0.0, 1.0]]), np.array([[1.0, 0.0]])
+    )
+    assert float(clipped[0]) < 17
+
+
+def test_loss_fusion_includes_temperature_and_mask():
+    logits = tf.constant([[1000.0, 0.0, 5000.0]])
+    probs = stable_softmax(logits, mask=[[True, True, False]], temperature=2.0)
+    loss = keras.losses.categorical_crossentropy(np.array([[0.0, 1.0, 0.0]]), probs)
+    np.testing.assert_allclose(loss, [500.0], rtol=1e-6)
+    sparse = keras.losses.sparse_categorical_crossentropy(np.array([1]), probs)
+    np.testing.assert_allclose(sparse, [500.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "loss", ["categorical_crossentropy", "sparse_categorical_crossentropy"]
+)
+def test_loss_fusion_holds_inside_fit(loss):
+    # A head whose bias makes a confident mistake with a logit gap of 1000.
+    inputs = keras.Input((1,))
+    dense = keras.layers.Dense(2, activation="stable_softmax")
+    model = keras.Model(inputs, dense(inputs))
+    dense.set_weights(
+        [np.zeros((1, 2), np.float32), np.array([1000.0, 0.0], np.float32)]
+    )
+    model.compile("sgd", loss)
+    y = np.array([[0.0, 1.0]]) if loss.startswith("categorical") else np.array([1])
+    evaluated = model.evaluate(np.zeros((1, 1)), y, verbose=0)
+    np.testing.assert_allclose(evaluated, 1000.0, rtol=1e-5)
+    history = model.fit(np.zeros((1, 1)), y, epochs=1, verbose=0)
+    np.testing.assert_allclose(history.history["loss"][0], 1000.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_is_computed_in_float32_and_returned_in_its_dtype(dtype):
+    rng = np.random.default_rng(2)
+    x = keras.ops.cast(rng.normal(size=(4, 7)) * 30, dtype)
+    out = stable_softmax(x)
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    x64 = np.asarray(keras.ops.cast(x, "float32"), np.float64)
+    expected = reference_softmax(x64)
+    # One rounding to the half dtype on top of the float32 computation.
+    ulp = 2.0**-10 if dtype == "float16" else 2.0**-7
+    np.testing.assert_allclose(
+        np.asarray(keras.ops.cast(out, "float32")), expected, rtol=ulp, atol=1e-7
+    )
+    assert not np.any(np.isnan(np.asarray(keras.ops.cast(out, "float32"))))
+
+
+def test_float16_logits_beyond_float16_exp_range_do_not_overflow():
+    # exp(1000) is inf in float16 (and float32): the naive formula gives NaN.
+    x = keras.ops.cast([[1000.0, 999.0, -60000.0]], "float16")
+    out = np.asarray(keras.ops.cast(stable_softmax(x), "float32"))
+    np.testing.assert_allclose(out, reference_softmax([[1.0, 0.0, -1e9]]), rtol=2**-10)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "bool"])
+def test_integer_and_bool_inputs_are_computed_in_floatx(dtype):
+    x = np.array([[0, 1, 1]]).astype(dtype)
+    out = stable_softmax(x)
+    assert keras.backend.standardize_dtype(out.dtype) == keras.config.floatx()
+    assert_close_to_reference(out, reference_softmax(x.astype(float)))
+
+
+def test_float64_inputs_stay_float64_and_match_to_float64_precision():
+    x = np.random.default_rng(3).normal(size=(5, 9)) * 50
+    out = stable_softmax(x, temperature=0.3)
+    assert keras.backend.standardize_dtype(out.dtype) == "float64"
+    assert_close_to_reference(
+        out, reference_softmax(x, temperature=0.3), eps=2.0**-52, rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_classifier_head_trains_without_nan_under_mixed_precision(policy):
+    keras.config.set_dtype_policy(policy)
+    try:
+        rng = np.random.default_rng(4)
+        x = rng.normal(size=(256, 8)).astype("float32")
+        y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
+        model = keras.Sequential(
+            [
+                keras.Input((8,)),
+                keras.layers.Dense(16, activation="relu"),
+                keras.layers.Dense(3, activation="stable_softmax"),
+            ]
+        )
+        model.compile("adam", "sparse_categorical_crossentropy")
+        history = model.fit(x, y, epochs=5, batch_size=32, verbose=0)
+        losses = history.history["loss"]
+        assert np.all(np.isfinite(losses))
+        assert losses[-1] < losses[0]
+        assert not np.any(np.isnan(np.asarray(model.predict(x, verbose=0), np.float32)))
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def test_works_inside_compiled_functions():
+    x = tf.constant(np.random.default_rng(5).normal(size=(4, 6)).astype("float32"))
+    mask = tf.constant(np.random.default_rng(6).random((4, 6)) > 0.3)
+    for jit in (False, True):
+        fn = tf.function(
+            lambda x, m: stable_softmax(x, mask=m, temperature=0.7), jit_compile=jit
+        )
+        assert_close_to_reference(
+            fn(x, mask), reference_softmax(x.numpy(), -1, mask.numpy(), 0.7)
+        )
+        log_fn = tf.function(lambda x: stable_log_softmax(x), jit_compile=jit)
+        np.testing.assert_allclose(
+            np.exp(log_fn(x)), reference_softmax(x.numpy()), rtol=1e-6
+        )
+
+
+def test_package_version_is_exposed():
+    assert keras_softmax.__version__.count(".") == 2
