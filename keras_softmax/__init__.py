@@ -1,11 +1,12 @@
 """keras_softmax: a softmax for Keras 3 that is exact for any finite logits."""
 
+from keras_softmax import calibration
 from keras_softmax.layer import StableSoftmax
 from keras_softmax.registration import register_activations
 from keras_softmax.softmax import stable_log_softmax
 from keras_softmax.softmax import stable_softmax
 
 __version__ = "0.1.0"
-__all__ = ["StableSoftmax", "stable_log_softmax", "stable_softmax"]
+__all__ = ["StableSoftmax", "calibration", "stable_log_softmax", "stable_softmax"]
 
 register_activations()
