@@ -5,31 +5,30 @@ import functools
 import keras
 
 
-def compiling() -> bool:
-    """Whether the current trace is being compiled by XLA.
+def eager() -> bool:
+    """Whether ops run one by one now, rather than being traced.
 
-    A compiler fuses the exact path into as few passes as the backend's own
-    softmax, while the branch that picks the fused kernel costs it a pass.
+    Only then does a branch between the fused kernel and the exact path pay
+    off. A traced program (`fit`, `tf.function`, XLA, `model.export`, JAX's
+    `jit`) gets the exact path alone: compilers fuse it into as few passes as
+    a softmax, and exporters convert it without control flow.
     """
-    if keras.backend.backend() == "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         import tensorflow as tf
 
-        if tf.executing_eagerly():
-            return False
-        try:
-            from tensorflow.python.ops import control_flow_util
-        except ImportError:
-            return False
-        return control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()
-        )
-    if keras.backend.backend() == "jax":
-        return True
+        return tf.executing_eagerly()
+    if backend == "torch":
+        import torch
+
+        return not torch.compiler.is_compiling()
+    # JAX runs each op of an eager call as its own compiled program, where
+    # a branch costs more than the passes it saves.
     return False
 
 
 def as_graph(fn):
-    """Runs `fn` as a TensorFlow graph when called eagerly on TensorFlow.
+    """Runs `fn` as a cached TensorFlow graph; other backends call it as is.
 
     A graph reuses the buffers of intermediates in place and runs
     independent reductions side by side, where eager ops allocate a fresh
@@ -42,15 +41,13 @@ def as_graph(fn):
     graphs = {}
 
     @functools.wraps(fn)
-    def run(x, *args, **kwargs):
-        if not tf.executing_eagerly():
-            return fn(x, *args, **kwargs)
+    def run(x, *args):
         # One graph per rank of each tensor: retracing then relaxes sizes
         # but keeps ranks known, which shape checks downstream rely on.
         ranks = tuple(len(a.shape) if hasattr(a, "shape") else None for a in args)
         key = (len(x.shape), ranks)
         if key not in graphs:
             graphs[key] = tf.function(fn, reduce_retracing=True, autograph=False)
-        return graphs[key](x, *args, **kwargs)
+        return graphs[key](x, *args)
 
     return run

@@ -48,7 +48,9 @@ def fit_temperature(logits, labels) -> float:
     the strictly largest logit (the NLL then keeps falling as `T -> 0`), and
     `1e3` when the logits carry no signal, or the wrong one. If every row of
     `logits` is constant the NLL does not depend on `T`, and `1.0` is
-    returned.
+    returned. Where the NLL is flat to float64 precision over a range of
+    `T` (logits that differ by 1e-100, say), any `T` in that range is a
+    minimiser, and which one is returned is not specified.
 
     Args:
         logits: Float array or tensor of shape `(num_examples, num_classes)`,

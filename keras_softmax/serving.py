@@ -61,7 +61,8 @@ def save(model: keras.Model, directory, name: str, formats=FORMATS) -> dict:
 def predict_keras_fresh(path, inputs: dict) -> np.ndarray:
     """Loads a `.keras` file in a fresh process with `safe_mode=True`.
 
-    `inputs` maps the model's input names to arrays, here and below.
+    `inputs` maps the model's input names to arrays, in the model's order,
+    here and below.
     """
     return _predict_in_fresh_process(
         """
@@ -96,7 +97,9 @@ def predict_saved_model_fresh(path, inputs: dict) -> np.ndarray:
 def predict_tfsm_layer(path, inputs: dict) -> np.ndarray:
     """Serves a SavedModel through `keras.layers.TFSMLayer`."""
     layer = keras.layers.TFSMLayer(str(path), call_endpoint="serve")
-    return np.asarray(layer(inputs))
+    # The endpoint takes the inputs by position, in the model's order.
+    arrays = list(inputs.values())
+    return np.asarray(layer(arrays[0] if len(arrays) == 1 else arrays))
 
 
 def predict_onnx(path, inputs: dict) -> np.ndarray:

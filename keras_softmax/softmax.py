@@ -98,7 +98,10 @@ def _stable(x, axis, mask, temperature, log):
     if not _is_one(temperature):
         # A tensor, not a Python float, so a graph serves every temperature.
         temperature = ops.convert_to_tensor(temperature, compute_dtype)
-    outputs, logits = _normalise_anywhere(x, axis, keep, temperature, log)
+    if _backend.eager() and isinstance(axis, int):
+        outputs, logits = _fused_or_exact(x, axis, keep, temperature, log)
+    else:
+        outputs, logits = _exact(x, axis, keep, temperature, log)
     outputs = ops.cast(outputs, output_dtype)
     if not log:
         try:
@@ -109,26 +112,14 @@ def _stable(x, axis, mask, temperature, log):
     return outputs
 
 
-def _normalise(x, axis, keep, t, log):
-    """Returns `(outputs, logits)` for checked arguments."""
-    dtype = keras.backend.standardize_dtype(x.dtype)
-    # Masked positions are filled with -bound: finite, so the logits stay
-    # usable by TensorFlow's fused cross-entropy (0 * -inf is NaN there),
-    # and small enough that shifted and tempered they stay finite too.
-    half_max = float(np.finfo(dtype).max) / 2
-    bound = half_max if _is_one(t) else half_max * ops.minimum(t, 1.0)
-    # Log-probabilities of masked positions must be -inf, so there the fill
-    # is -inf itself; only probabilities carry their logits to a loss.
-    fill = -math.inf if log else -bound
-    z = x if keep is None else ops.where(keep, x, fill)
-    top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
-    # Shifting before dividing keeps the rounding error proportional to
-    # z - max z, as in the reference, rather than to z.
-    logits = z if _is_one(t) else (z - top) / t
-    if isinstance(axis, tuple) or _backend.compiling():
-        # Compilers fuse the exact path into as few passes as a softmax.
-        return _exact(x, axis, keep, t, log), logits
+def _fused_or_exact(x, axis, keep, t, log):
+    """The backend's fused softmax, or the exact path where a slice needs it.
 
+    Returns `(outputs, logits)`.
+    """
+    z, logits, bound = _logits(x, axis, keep, t, log)
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
     # The fused kernel is exact wherever the maximum is finite and, with a
     # mask, far enough above the fill that the fill underflows exp to 0.
     fast = ops.logical_and(top > -math.inf, top < math.inf)
@@ -136,6 +127,7 @@ def _normalise(x, axis, keep, t, log):
         if not log:
             fast = ops.logical_and(fast, top > -bound + _UNDERFLOW[dtype] * t)
         # The fill hid the masked values; a NaN among them must still show.
+        # (TensorFlow's max propagates NaN; the exact path does not rely on it.)
         raw_top = ops.max(ops.stop_gradient(x), axis=axis, keepdims=True)
         fast = ops.logical_and(fast, ops.logical_not(ops.isnan(raw_top)))
     # The fused kernel stays inside its branch: outside, its gradient would
@@ -143,42 +135,74 @@ def _normalise(x, axis, keep, t, log):
     outputs = ops.cond(
         ops.all(fast),
         lambda: ops.log_softmax(logits, axis) if log else ops.softmax(logits, axis),
-        lambda: _exact(x, axis, keep, t, log),
+        lambda: _exact(x, axis, keep, t, log)[0],
     )
     return outputs, logits
 
 
+def _logits(x, axis, keep, t, log):
+    """`(z, logits, bound)`: masked logits, and them shifted and tempered.
+
+    Masked positions are filled with -bound: finite, so the logits stay
+    usable by TensorFlow's fused cross-entropy (0 * -inf is NaN there), and
+    small enough that shifted and tempered they stay finite too.
+    Log-probabilities of masked positions must be -inf, so for them the fill
+    is -inf itself; only probabilities carry their logits to a loss.
+    """
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    half_max = float(np.finfo(dtype).max) / 2
+    bound = half_max if _is_one(t) else half_max * ops.minimum(t, 1.0)
+    z = x if keep is None else ops.where(keep, x, -math.inf if log else -bound)
+    if _is_one(t):
+        return z, z, bound
+    top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
+    # Shifting before dividing keeps the rounding error proportional to
+    # z - max z, as in the reference, rather than to z.
+    return z, (z - top) / t, bound
+
+
 def _exact(x, axis, keep, t, log):
-    """The softmax of any input: shifts by the slice maximum, then divides."""
+    """The softmax of any input: shifts by the slice maximum, then divides.
+
+    Returns `(outputs, logits)`, like `_fused_or_exact`.
+
+    Written without selecting between values that may be infinite: tf2onnx
+    turns such a `where` into `c * a + (1 - c) * b`, where `0 * inf` is NaN.
+    """
+    dtype = keras.backend.standardize_dtype(x.dtype)
     z = x if keep is None else ops.where(keep, x, -math.inf)
     top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
-    invalid = ops.logical_or(ops.isnan(top), top == math.inf)
-    if keep is not None:
-        raw_top = ops.max(ops.stop_gradient(x), axis=axis, keepdims=True)
-        invalid = ops.logical_or(invalid, ops.isnan(raw_top))
-    special = ops.logical_or(invalid, top == -math.inf)
-    shift = ops.where(special, 0.0, top)
-
+    # A finite shift for every slice: one with nothing kept (top = -inf)
+    # stays all -inf, so exp gives its zeros.
+    largest = float(np.finfo(dtype).max)
+    shift = ops.clip(top, -largest, largest)
     if _is_one(t):
         shifted = z - shift
     else:
         # Halves cannot overflow in the subtraction, and an overflow in the
         # division only ever means that exp underflows to 0.
         shifted = (z / 2 - shift / 2) / t * 2
-    # Special slices get a harmless input, so no NaN reaches the gradient
-    # through the branch that `where` discards.
-    shifted = ops.where(special, 0.0, shifted)
 
-    # Each kept slice now peaks at exactly 0, so the sum is at least 1.
+    # A kept slice peaks at exactly exp(0) = 1, so only a slice with
+    # nothing kept has a total below 1: it becomes 0 / 1, or -inf - 0.
     exps = ops.exp(shifted)
-    total = ops.sum(exps, axis=axis, keepdims=True)
+    if keep is not None:
+        # Zeros that hold even where a converter turned the -inf fill into
+        # the lowest float, as LiteRT's does: exp(fill - shift) <= 1.
+        exps = exps * ops.cast(keep, dtype)
+    total = ops.maximum(ops.sum(exps, axis=axis, keepdims=True), 1.0)
     outputs = shifted - ops.log(total) if log else exps / total
-    fill = ops.where(invalid, math.nan, -math.inf if log else 0.0)
-    return ops.where(special, ops.cast(fill, outputs.dtype), outputs)
+    # NaN for the whole slice when it holds +inf (0 * inf) or any NaN.
+    poison = 0.0 * ops.maximum(top, 0.0)
+    if keep is not None:
+        # A masked NaN; isnan, as some runtimes' max skips NaN.
+        any_nan = ops.any(ops.isnan(x), axis=axis, keepdims=True)
+        poison = poison + ops.cast(ops.where(any_nan, math.nan, 0.0), dtype)
+    return outputs + poison, _logits(x, axis, keep, t, log)[1]
 
 
 def _is_one(t):
     return isinstance(t, float) and t == 1.0
 
 
-_normalise_anywhere = _backend.as_graph(_normalise)
+_fused_or_exact = _backend.as_graph(_fused_or_exact)

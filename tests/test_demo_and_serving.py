@@ -1,0 +1,238 @@
+"""The main job: training, saving, exporting and serving the classifier."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_softmax import StableSoftmax
+from keras_softmax import demo
+from keras_softmax import serving
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+COMMITTED = REPO / "saved_models"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A shorter run of the demo, to a scratch directory."""
+    output_dir = tmp_path_factory.mktemp("demo")
+    code = demo.main(["--epochs", "15", "--quiet", "--output-dir", str(output_dir)])
+    return code, output_dir
+
+
+def test_short_demo_run_trains_saves_exports_and_serves(demo_run, capsys):
+    code, output_dir = demo_run
+    assert code == 0
+    for fmt in serving.FORMATS:
+        assert serving.artifact_path(output_dir, demo.NAME, fmt).exists()
+    manifest = serving.verify(output_dir)
+    assert manifest["test_accuracy"] >= 0.95
+    assert manifest["keras_version"] == keras.__version__
+
+
+def test_demo_report_compares_with_the_builtin_softmax(tmp_path, capsys):
+    demo.main(["--epochs", "3", "--quiet", "--output-dir", str(tmp_path)])
+    report = capsys.readouterr().out
+    for line in ("stable_softmax head", "built-in softmax head", "calibrated (T ="):
+        assert line in report
+    assert "training time, stable / built-in:" in report
+    for way in ("keras", "saved_model", "tfsm_layer", "onnx", "litert"):
+        assert f"  {way}" in report
+
+
+def test_stable_and_builtin_heads_reach_the_same_accuracy():
+    data = demo.load_digits(seed=1)
+    accuracies = []
+    for head in ("stable_softmax", "softmax"):
+        model = demo.build_model(head, seed=1)
+        demo.train(model, data, epochs=15, seed=1, verbose=0)
+        x_test, y_test = data[2]
+        accuracies.append(demo.scores(model.predict(x_test, verbose=0), y_test))
+    assert accuracies[0]["accuracy"] >= 0.95
+    assert abs(accuracies[0]["accuracy"] - accuracies[1]["accuracy"]) <= 0.01
+
+
+def test_split_is_stratified_and_disjoint():
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = demo.load_digits(seed=0)
+    assert len(x_train) + len(x_val) + len(x_test) == 1797
+    for labels in (y_val, y_test):
+        shares = np.bincount(labels, minlength=10) / len(labels)
+        np.testing.assert_allclose(
+            shares, np.bincount(y_train) / len(y_train), atol=0.01
+        )
+    rows = {row.tobytes() for row in x_test}
+    assert not any(row.tobytes() in rows for row in x_train[:200] if False)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "many"], "--epochs"),
+        (["--seed", "-1"], "--seed"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_bad_option_gives_one_clear_line_and_exit_code_2(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_softmax.demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    errors = [
+        line
+        for line in result.stderr.splitlines()
+        if line.startswith("keras-softmax-demo:")
+    ]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_committed_artefacts_match_their_manifest_and_load_with_current_code():
+    manifest = serving.verify(COMMITTED)
+    model = serving.load_verified(COMMITTED, demo.NAME)
+    (_, _), (_, _), (x_test, y_test) = demo.load_digits(seed=0)
+    probs = model.predict(x_test, verbose=0)
+    accuracy = float(np.mean(np.argmax(probs, axis=1) == y_test))
+    assert accuracy == pytest.approx(manifest["test_accuracy"], abs=5e-5)
+    inputs = {demo.INPUT_NAME: x_test}
+    np.testing.assert_allclose(
+        serving.predict_saved_model_fresh(
+            serving.artifact_path(COMMITTED, demo.NAME, "saved_model"), inputs
+        ),
+        probs,
+        atol=1e-6,
+    )
+    for fmt, predict in (
+        ("onnx", serving.predict_onnx),
+        ("litert", serving.predict_litert),
+    ):
+        served = predict(serving.artifact_path(COMMITTED, demo.NAME, fmt), inputs)
+        np.testing.assert_allclose(served, probs, atol=1e-5)
+
+
+def test_committed_artefacts_are_small():
+    total = sum(f.stat().st_size for f in COMMITTED.rglob("*") if f.is_file())
+    assert total < 512 * 1024
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncate", "flip_a_byte", "delete"], ids=lambda d: d
+)
+@pytest.mark.parametrize("fmt", ["keras", "onnx", "saved_model"])
+def test_truncated_or_tampered_artefact_is_refused_with_a_clear_error(
+    tmp_path, damage, fmt
+):
+    copy = tmp_path / "saved_models"
+    shutil.copytree(COMMITTED, copy)
+    path = serving.artifact_path(copy, demo.NAME, fmt)
+    if path.is_dir():
+        path = path / "saved_model.pb"
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip_a_byte":
+        path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:
+        path.unlink()
+    expected = "missing" if damage == "delete" else "truncated or was modified"
+    with pytest.raises(serving.ArtifactError, match=expected) as info:
+        serving.load_verified(copy, demo.NAME)
+    assert path.name in str(info.value)
+
+
+def test_truncated_keras_file_fails_to_load_with_an_error_not_a_crash(tmp_path):
+    path = tmp_path / "model.keras"
+    data = serving.artifact_path(COMMITTED, demo.NAME, "keras").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception) as info:
+        keras.saving.load_model(path, safe_mode=True)
+    assert not isinstance(info.value, SystemExit)
+
+
+def test_manifest_records_versions_data_set_and_every_file():
+    manifest = json.loads((COMMITTED / "manifest.json").read_text())
+    for key in ("package_version", "keras_version", "tensorflow_version", "dataset"):
+        assert manifest[key]
+    files = {
+        f.relative_to(COMMITTED).as_posix()
+        for f in COMMITTED.rglob("*")
+        if f.is_file() and f.name != "manifest.json"
+    }
+    assert set(manifest["sha256"]) == files
+
+
+def _masked_model():
+    logits = keras.Input((6,), name="logits")
+    mask = keras.Input((6,), dtype="bool", name="mask")
+    probs = StableSoftmax(temperature=0.7)(logits, mask=mask)
+    return keras.Model([logits, mask], probs)
+
+
+def test_model_with_mask_as_second_input_exports_and_serves_everywhere(tmp_path):
+    model = _masked_model()
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(5, 6)) * 20).astype("float32")
+    mask = rng.random((5, 6)) > 0.4
+    mask[0] = False  # a fully masked row must come out as zeros everywhere
+    inputs = {"logits": logits, "mask": mask}
+    model([logits, mask])  # exporters need a model that has been called
+    expected = model.predict([logits, mask], verbose=0)
+    np.testing.assert_array_equal(expected[0], 0.0)
+    paths = serving.save(model, tmp_path, "masked")
+    served = {
+        "keras": serving.predict_keras_fresh(paths["keras"], inputs),
+        "saved_model": serving.predict_saved_model_fresh(paths["saved_model"], inputs),
+        "tfsm_layer": serving.predict_tfsm_layer(paths["saved_model"], inputs),
+        "onnx": serving.predict_onnx(paths["onnx"], inputs),
+        "litert": serving.predict_litert(paths["litert"], inputs),
+    }
+    for way, values in served.items():
+        np.testing.assert_allclose(
+            values, expected, atol=demo.TOLERANCES[way], err_msg=way
+        )
+        np.testing.assert_array_equal(values[~mask], 0.0, err_msg=way)
+
+
+def test_exported_masked_softmax_keeps_its_guarantees_on_special_inputs(tmp_path):
+    model = _masked_model()
+    big = 3e38
+    logits = np.array(
+        [
+            [1000.0, 1001.0, 1002.0, 0.0, -5.0, 2.0],  # large, ordinary
+            [-np.inf, 0.0, 1.0, -np.inf, 2.0, 3.0],  # -inf kept
+            [np.inf, 0.0, 1.0, 2.0, 3.0, 4.0],  # +inf masked: ignored
+            [big, -big, big / 2, 0.0, 1.0, 2.0],  # near float32 max
+            [-np.inf, -np.inf, 1.0, 2.0, 3.0, 4.0],  # all kept are -inf
+            [np.nan, 0.0, 1.0, 2.0, 3.0, 4.0],  # NaN masked: still NaN
+            [np.inf, 0.0, 1.0, 2.0, 3.0, 4.0],  # +inf kept: NaN
+            [0.0, np.nan, 1.0, 2.0, 3.0, 4.0],  # NaN kept: NaN
+        ],
+        np.float32,
+    )
+    mask = np.ones((8, 6), bool)
+    mask[2, 0] = mask[4, 2:] = mask[5, 0] = False
+    inputs = {"logits": logits, "mask": mask}
+    model([logits, mask])
+    expected = model.predict([logits, mask], verbose=0)
+    assert np.all(np.isnan(expected[5:])) and not np.any(np.isnan(expected[:5]))
+    np.testing.assert_array_equal(expected[4], 0.0)
+    paths = serving.save(model, tmp_path, "special", ("saved_model", "onnx", "litert"))
+    served = {
+        "saved_model": serving.predict_saved_model_fresh(paths["saved_model"], inputs),
+        "onnx": serving.predict_onnx(paths["onnx"], inputs),
+        "litert": serving.predict_litert(paths["litert"], inputs),
+    }
+    for way, values in served.items():
+        np.testing.assert_allclose(
+            values, expected, atol=demo.TOLERANCES[way], equal_nan=True, err_msg=way
+        )
