@@ -106,12 +106,15 @@ def check_served(paths, model, inputs) -> dict:
     servers = {
         "keras": (serving.predict_keras_fresh, "keras"),
         "saved_model": (serving.predict_saved_model_fresh, "saved_model"),
+        # TFSMLayer wraps a TensorFlow graph: TensorFlow backend only.
         "tfsm_layer": (serving.predict_tfsm_layer, "saved_model"),
         "onnx": (serving.predict_onnx, "onnx"),
         "litert": (serving.predict_litert, "litert"),
     }
     differences = {}
     for way, (predict, fmt) in servers.items():
+        if way == "tfsm_layer" and keras.backend.backend() != "tensorflow":
+            continue
         if fmt in paths:
             served = predict(paths[fmt], inputs)
             differences[way] = float(np.max(np.abs(served - expected)))
@@ -143,7 +146,7 @@ def main(argv=None) -> int:
     fitted = calibrated.layers[-1].temperature
     calibrated_scores = scores(calibrated.predict(x_test, verbose=0), y_test)
 
-    formats = [f for f in serving.FORMATS if _can_export(f)]
+    formats = [f for f in serving.FORMATS if _why_not_exported(f) is None]
     output_dir = pathlib.Path(args.output_dir)
     paths = serving.save(stable, output_dir, NAME, formats)
     differences = check_served(paths, stable, {INPUT_NAME: x_test})
@@ -192,7 +195,8 @@ def _report(
 ):
     lines = [
         "",
-        f"digits test split ({args.epochs} epochs, seed {args.seed})",
+        f"digits test split ({args.epochs} epochs, seed {args.seed}, "
+        f"{keras.backend.backend()} backend)",
         f"{'':32s}{'accuracy':>10s}{'NLL':>10s}{'ECE':>10s}",
         _score_line("stable_softmax head", stable),
         _score_line("built-in softmax head", builtin),
@@ -210,7 +214,7 @@ def _report(
         )
     for fmt in serving.FORMATS:
         if fmt not in formats:
-            lines.append(f"  {fmt:12s} skipped: pip install 'keras-softmax[export]'")
+            lines.append(f"  {fmt:12s} skipped: {_why_not_exported(fmt)}")
     return "\n".join(lines)
 
 
@@ -221,14 +225,17 @@ def _score_line(name, values):
     )
 
 
-def _can_export(fmt):
+def _why_not_exported(fmt):
+    """None if `fmt` can be exported here, else the reason it cannot."""
+    if fmt != "keras" and keras.backend.backend() != "tensorflow":
+        return "exporting runs on the TensorFlow backend"
     modules = {"onnx": ("tf2onnx", "onnxruntime"), "litert": ("ai_edge_litert",)}
     try:
         for module in modules.get(fmt, ()):
             __import__(module)
     except ImportError:
-        return False
-    return True
+        return "pip install 'keras-softmax[export]'"
+    return None
 
 
 class _Parser(argparse.ArgumentParser):

@@ -150,8 +150,8 @@ def _logits(x, axis, keep, t, log):
     is -inf itself; only probabilities carry their logits to a loss.
     """
     dtype = keras.backend.standardize_dtype(x.dtype)
-    half_max = float(np.finfo(dtype).max) / 2
-    bound = half_max if _is_one(t) else half_max * ops.minimum(t, 1.0)
+    half_max = ops.convert_to_tensor(float(np.finfo(dtype).max) / 2, dtype)
+    bound = half_max if _is_one(t) else half_max * ops.where(t < 1.0, t, 1.0)
     z = x if keep is None else ops.where(keep, x, -math.inf if log else -bound)
     if _is_one(t):
         return z, z, bound
@@ -174,7 +174,10 @@ def _exact(x, axis, keep, t, log):
     top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
     # A finite shift for every slice: one with nothing kept (top = -inf)
     # stays all -inf, so exp gives its zeros.
-    largest = float(np.finfo(dtype).max)
+    # Bounds as tensors of `dtype`: Keras' PyTorch backend makes a Python
+    # float float32, where float64's max is inf (and its maximum of two
+    # float64 tensors is float32 too, as of Keras 3.15).
+    largest = ops.convert_to_tensor(float(np.finfo(dtype).max), dtype)
     shift = ops.clip(top, -largest, largest)
     if _is_one(t):
         shifted = z - shift
@@ -184,21 +187,35 @@ def _exact(x, axis, keep, t, log):
         shifted = (z / 2 - shift / 2) / t * 2
 
     # A kept slice peaks at exactly exp(0) = 1, so only a slice with
-    # nothing kept has a total below 1: it becomes 0 / 1, or -inf - 0.
+    # nothing kept has a total of 0: it becomes 0 / 1, or -inf - 0.
     exps = ops.exp(shifted)
     if keep is not None:
         # Zeros that hold even where a converter turned the -inf fill into
         # the lowest float, as LiteRT's does: exp(fill - shift) <= 1.
         exps = exps * ops.cast(keep, dtype)
-    total = ops.maximum(ops.sum(exps, axis=axis, keepdims=True), 1.0)
+    total = _sum(exps, axis)
+    # Not maximum(total, 1): JAX splits its gradient at the tie total = 1.
+    total = ops.where(total > 0, total, 1.0)
     outputs = shifted - ops.log(total) if log else exps / total
     # NaN for the whole slice when it holds +inf (0 * inf) or any NaN.
-    poison = 0.0 * ops.maximum(top, 0.0)
+    poison = 0.0 * ops.relu(top)
     if keep is not None:
         # A masked NaN; isnan, as some runtimes' max skips NaN.
         any_nan = ops.any(ops.isnan(x), axis=axis, keepdims=True)
         poison = poison + ops.cast(ops.where(any_nan, math.nan, 0.0), dtype)
     return outputs + poison, _logits(x, axis, keep, t, log)[1]
+
+
+def _sum(x, axis):
+    """Sums over `axis`, a tuple one axis at a time.
+
+    Summing n terms in a row rounds up to n times; axis by axis, only as
+    often as the axes are long together, which keeps a joint normalisation
+    as exact on backends whose reductions run in a row (JAX on the CPU).
+    """
+    for a in axis if isinstance(axis, tuple) else (axis,):
+        x = ops.sum(x, axis=a, keepdims=True)
+    return x
 
 
 def _is_one(t):

@@ -1,10 +1,18 @@
 """The float64 NumPy reference that every numerical claim is tested against."""
 
+import keras
 import numpy as np
 
 FLOAT32_EPS = 2.0**-23
 # Below this the fused kernels may flush a probability to zero.
 TINY_PROBABILITY = 1e-30
+
+
+def to_numpy(x):
+    """Any backend's tensor (one that needs a gradient too) as a NumPy array."""
+    if isinstance(x, np.ndarray) or np.isscalar(x):
+        return np.asarray(x)
+    return keras.ops.convert_to_numpy(x)
 
 
 def softmax(x, axis=-1, mask=None, temperature=1.0):
@@ -41,7 +49,7 @@ def assert_close_to_reference(actual, expected, axis=-1, eps=FLOAT32_EPS, rtol=1
     what the float32 claim "1e-6 relative" means for very small p.
     Probabilities below TINY_PROBABILITY need only be within it.
     """
-    actual = np.asarray(actual, dtype=np.float64)
+    actual = to_numpy(actual).astype(np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape
     top = np.max(expected, axis=axis, keepdims=True) if expected.size else 1.0

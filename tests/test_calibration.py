@@ -402,8 +402,16 @@ def test_metric_accumulated_over_batches_equals_the_function_on_all_data(
     assert expected == pytest.approx(reference_ece(probs, labels, 15), abs=1e-12)
 
 
+# Probabilities that float32 can tell apart from 0: Keras' JAX argmax rounds
+# float64 input to float32 on the CPU (as of Keras 3.15), so a row such as
+# [0, 2.2e-308, 0] would have another argmax there than in NumPy.
+float32_probability_rows = probability_rows.map(
+    lambda p: np.where(p < np.finfo(np.float32).tiny, 0.0, p)
+)
+
+
 @hypothesis.settings(max_examples=20)
-@hypothesis.given(probs=probability_rows, data=st.data())
+@hypothesis.given(probs=float32_probability_rows, data=st.data())
 def test_metric_agrees_with_the_function_on_any_probabilities(probs, data):
     labels = data.draw(hnp.arrays(np.int64, len(probs), elements=st.integers(0, 2)))
     num_bins = data.draw(st.integers(1, 20))
