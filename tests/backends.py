@@ -16,11 +16,11 @@ def jacobian(fn, x):
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        x = tf.constant(x)
+        variable = tf.constant(x)
         with tf.GradientTape() as tape:
-            tape.watch(x)
-            out = fn(x)
-        result = tape.jacobian(out, x).numpy()
+            tape.watch(variable)
+            out = fn(variable)
+        result = tape.jacobian(out, variable).numpy()
     elif BACKEND == "jax":
         import jax
 
