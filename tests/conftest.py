@@ -8,6 +8,6 @@ os.environ.setdefault("JAX_ENABLE_X64", "1")
 import hypothesis  # noqa: E402
 
 hypothesis.settings.register_profile(
-    "default", deadline=None, max_examples=60, derandomize=True
+    "default", deadline=None, max_examples=60, derandomize=True, database=None
 )
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -17,28 +17,27 @@ def to_numpy(x):
 
 def softmax(x, axis=-1, mask=None, temperature=1.0):
     """exp(z - max z) / sum(exp(z - max z)) with z = x / temperature, in float64."""
+    shifted, dead, total = _shifted(x, axis, mask, temperature)
+    return np.where(dead, 0.0, np.exp(shifted) / total)
+
+
+def log_softmax(x, axis=-1, mask=None, temperature=1.0):
+    """The float64 log-softmax, computed in log space."""
+    shifted, dead, total = _shifted(x, axis, mask, temperature)
+    return np.where(dead, -np.inf, shifted - np.log(total))
+
+
+def _shifted(x, axis, mask, temperature):
+    """`(z - max z, slices with nothing kept, sum of exp)`; masked z is -inf."""
     z = np.asarray(x, dtype=np.float64) / temperature
     keep = np.ones(z.shape, bool) if mask is None else np.broadcast_to(mask, z.shape)
     z = np.where(keep, z, -np.inf)
     top = np.max(z, axis=axis, keepdims=True)
     dead = top == -np.inf
     shifted = np.where(dead, -np.inf, z - np.where(dead, 0.0, top))
-    exps = np.exp(shifted)
-    total = np.sum(exps, axis=axis, keepdims=True)
-    return np.where(dead, 0.0, exps / np.where(dead, 1.0, total))
-
-
-def log_softmax(x, axis=-1, mask=None, temperature=1.0):
-    """The float64 log-softmax, computed in log space."""
-    z = np.asarray(x, dtype=np.float64) / temperature
-    keep = np.ones(z.shape, bool) if mask is None else np.broadcast_to(mask, z.shape)
-    z = np.where(keep, z, -np.inf)
-    top = np.max(z, axis=axis, keepdims=True)
-    dead = top == -np.inf
-    shifted = z - np.where(dead, 0.0, top)
     total = np.sum(np.exp(shifted), axis=axis, keepdims=True)
-    with np.errstate(divide="ignore"):
-        return np.where(dead, -np.inf, shifted - np.log(np.where(dead, 1.0, total)))
+    # A slice with nothing kept sums to 0; 1 keeps its division harmless.
+    return shifted, dead, np.where(dead, 1.0, total)
 
 
 def assert_close_to_reference(actual, expected, axis=-1, eps=FLOAT32_EPS, rtol=1e-6):

@@ -63,10 +63,12 @@ def test_log_softmax_is_the_log_of_the_reference(case, temperature):
     expected = reference_log_softmax(x, axis=axis, temperature=temperature)
     finite = np.isfinite(expected)
     np.testing.assert_array_equal(actual[~finite], expected[~finite])
-    # An absolute error in log space is a relative error in probability:
-    # the same bound as for the probabilities.
+    # An absolute error in log space is a relative error in probability, so
+    # the bound for probabilities holds, plus the rounding of the result
+    # itself to float32: half an ulp, 2**-24 * |log p|.
     error = np.abs(actual[finite] - expected[finite])
-    assert np.all(error <= 1e-6 + 2.0**-23 * np.abs(expected[finite]))
+    allowed = 1e-6 + 1.5 * 2.0**-23 * np.abs(expected[finite])
+    assert np.all(error <= allowed)
 
 
 def test_near_float32_max_over_two_matches_reference():
