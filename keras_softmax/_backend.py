@@ -27,6 +27,15 @@ def eager() -> bool:
     return False
 
 
+def losses_read_logits() -> bool:
+    """Whether Keras' cross-entropy losses read `_keras_logits` here.
+
+    Only the TensorFlow backend does; elsewhere attaching them would only
+    cost work (and `torch.compile` a graph break).
+    """
+    return keras.backend.backend() == "tensorflow"
+
+
 def as_graph(fn):
     """Runs `fn` as a cached TensorFlow graph; other backends call it as is.
 

@@ -98,17 +98,16 @@ def _stable(x, axis, mask, temperature, log):
     if not _is_one(temperature):
         # A tensor, not a Python float, so a graph serves every temperature.
         temperature = ops.convert_to_tensor(temperature, compute_dtype)
+    logits = None
     if _backend.eager() and isinstance(axis, int):
         outputs, logits = _fused_or_exact(x, axis, keep, temperature, log)
     else:
-        outputs, logits = _exact(x, axis, keep, temperature, log)
+        outputs = _exact(x, axis, keep, temperature, log)
     outputs = ops.cast(outputs, output_dtype)
-    if not log:
-        try:
-            # Read by the TensorFlow backend's cross-entropy losses.
-            outputs._keras_logits = ops.cast(logits, output_dtype)
-        except AttributeError:
-            pass  # Backends whose tensors take no attributes.
+    if not log and _backend.losses_read_logits():
+        if logits is None:
+            logits = _logits(x, axis, keep, temperature, log)[1]
+        outputs._keras_logits = ops.cast(logits, output_dtype)
     return outputs
 
 
@@ -135,7 +134,7 @@ def _fused_or_exact(x, axis, keep, t, log):
     outputs = ops.cond(
         ops.all(fast),
         lambda: ops.log_softmax(logits, axis) if log else ops.softmax(logits, axis),
-        lambda: _exact(x, axis, keep, t, log)[0],
+        lambda: _exact(x, axis, keep, t, log),
     )
     return outputs, logits
 
@@ -163,8 +162,6 @@ def _logits(x, axis, keep, t, log):
 
 def _exact(x, axis, keep, t, log):
     """The softmax of any input: shifts by the slice maximum, then divides.
-
-    Returns `(outputs, logits)`, like `_fused_or_exact`.
 
     Written without selecting between values that may be infinite: tf2onnx
     turns such a `where` into `c * a + (1 - c) * b`, where `0 * inf` is NaN.
@@ -203,7 +200,7 @@ def _exact(x, axis, keep, t, log):
         # A masked NaN; isnan, as some runtimes' max skips NaN.
         any_nan = ops.any(ops.isnan(x), axis=axis, keepdims=True)
         poison = poison + ops.cast(ops.where(any_nan, math.nan, 0.0), dtype)
-    return outputs + poison, _logits(x, axis, keep, t, log)[1]
+    return outputs + poison
 
 
 def _sum(x, axis):
