@@ -116,9 +116,8 @@ def _fused_or_exact(x, axis, keep, t, log):
 
     Returns `(outputs, logits)`.
     """
-    z, logits, bound = _logits(x, axis, keep, t, log)
+    top, logits, bound = _logits(x, axis, keep, t, log)
     dtype = keras.backend.standardize_dtype(x.dtype)
-    top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
     # The fused kernel is exact wherever the maximum is finite and, with a
     # mask, far enough above the fill that the fill underflows exp to 0.
     fast = ops.logical_and(top > -math.inf, top < math.inf)
@@ -140,7 +139,8 @@ def _fused_or_exact(x, axis, keep, t, log):
 
 
 def _logits(x, axis, keep, t, log):
-    """`(z, logits, bound)`: masked logits, and them shifted and tempered.
+    """`(top, logits, bound)`: the masked logits' slice maxima, and the
+    masked logits shifted and tempered.
 
     Masked positions are filled with -bound: finite, so the logits stay
     usable by TensorFlow's fused cross-entropy (0 * -inf is NaN there), and
@@ -152,12 +152,12 @@ def _logits(x, axis, keep, t, log):
     half_max = ops.convert_to_tensor(float(np.finfo(dtype).max) / 2, dtype)
     bound = half_max if _is_one(t) else half_max * ops.where(t < 1.0, t, 1.0)
     z = x if keep is None else ops.where(keep, x, -math.inf if log else -bound)
-    if _is_one(t):
-        return z, z, bound
     top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
+    if _is_one(t):
+        return top, z, bound
     # Shifting before dividing keeps the rounding error proportional to
     # z - max z, as in the reference, rather than to z.
-    return z, (z - top) / t, bound
+    return top, (z - top) / t, bound
 
 
 def _exact(x, axis, keep, t, log):
