@@ -22,8 +22,12 @@ import keras
 import numpy as np
 
 FORMATS = ("keras", "saved_model", "onnx", "litert")
-_SUFFIXES = {"keras": ".keras", "saved_model": "_saved_model", "onnx": ".onnx"}
-_SUFFIXES["litert"] = ".tflite"
+_SUFFIXES = {
+    "keras": ".keras",
+    "saved_model": "_saved_model",
+    "onnx": ".onnx",
+    "litert": ".tflite",
+}
 
 
 class ArtifactError(ValueError):
