@@ -1,29 +1,34 @@
-"""The thin backend edges: the only places that name a backend."""
+"""The thin backend edges of the math: what `keras.ops` cannot tell.
 
-import functools
+Everything in `softmax.py` and `_checks.py` that depends on the backend
+asks here. (The demo, serving and the tests name backends for their own
+reasons: exports start from TensorFlow, for one.)
+"""
 
 import keras
 
 
-def eager() -> bool:
-    """Whether ops run one by one now, rather than being traced.
+def takes_fused_path() -> bool:
+    """Whether the backend's own fused softmax kernel is worth a branch here.
 
-    Only then does a branch between the fused kernel and the exact path pay
-    off. A traced program (`fit`, `tf.function`, XLA, `model.export`, JAX's
-    `jit`) gets the exact path alone: compilers fuse it into as few passes as
-    a softmax, and exporters convert it without control flow.
+    True where ops run as separate kernels: TensorFlow eagerly or in a
+    `tf.function` without XLA (which is how Keras' `fit` and `predict` run
+    on a CPU, and how `model.export` traces), and PyTorch eagerly. There
+    the fused kernel does in one pass what the exact formula does in
+    several, and a cheap check picks the exact path for the rare slice that
+    needs it.
+
+    False where a compiler fuses the exact formula into as few passes as a
+    softmax anyway, and a branch would only cost: XLA (`jit_compile=True`),
+    JAX (every JAX call is compiled) and `torch.compile`.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.executing_eagerly()
+        return not _in_xla_context()
     if backend == "torch":
         import torch
 
         return not torch.compiler.is_compiling()
-    # JAX runs each op of an eager call as its own compiled program, where
-    # a branch costs more than the passes it saves.
     return False
 
 
@@ -36,27 +41,34 @@ def losses_read_logits() -> bool:
     return keras.backend.backend() == "tensorflow"
 
 
-def as_graph(fn):
-    """Runs `fn` as a cached TensorFlow graph; other backends call it as is.
+def is_concrete(tensor) -> bool:
+    """Whether `tensor`'s values can be read now, without tracing them."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-    A graph reuses the buffers of intermediates in place and runs
-    independent reductions side by side, where eager ops allocate a fresh
-    output each and run one after another.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return fn
+        return tf.executing_eagerly() or not tf.is_tensor(tensor)
+    if backend == "jax":
+        import jax
+
+        return not isinstance(tensor, jax.core.Tracer)
+    if backend == "torch":
+        import torch
+
+        return not torch.compiler.is_compiling()
+    return True
+
+
+def _in_xla_context() -> bool:
+    """Whether TensorFlow is tracing for XLA (`jit_compile=True`)."""
     import tensorflow as tf
 
-    graphs = {}
-
-    @functools.wraps(fn)
-    def run(x, *args):
-        # One graph per rank of each tensor: retracing then relaxes sizes
-        # but keeps ranks known, which shape checks downstream rely on.
-        ranks = tuple(len(a.shape) if hasattr(a, "shape") else None for a in args)
-        key = (len(x.shape), ranks)
-        if key not in graphs:
-            graphs[key] = tf.function(fn, reduce_retracing=True, autograph=False)
-        return graphs[key](x, *args)
-
-    return run
+    if tf.executing_eagerly():
+        return False
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TensorFlow that moved it
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph()
+    )

@@ -1,47 +1,66 @@
 """Argument checks shared by the functions and the layer.
 
-Every error names the argument and the value it received.
+Every error names the argument and the value it received. Python values
+and tensors whose values are known now (eager tensors, NumPy arrays) are
+checked when called; a tensor whose value is only known when a traced
+program runs is made NaN there instead (see `to_temperature`).
 """
 
 import math
 import numbers
+from typing import NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_softmax import _backend
+
 _HALF_DTYPES = ("float16", "bfloat16")
 _FULL_DTYPES = ("float32", "float64")
 
 
-def logits(x):
+class Logits(NamedTuple):
+    """The logits as the softmax computes them, and the dtype it returns."""
+
+    values: object
+    output_dtype: str
+
+
+def to_compute_dtype(x) -> Logits:
     """Converts `x` to a tensor in the dtype the softmax computes in.
 
-    Returns:
-        `(x, output_dtype)`: half-precision inputs are computed in float32
-        and returned in their own dtype; integer and bool inputs are
-        computed and returned in `keras.config.floatx()`.
+    Half-precision inputs are computed in float32 and returned in their own
+    dtype; integer and bool inputs are computed and returned in
+    `keras.config.floatx()`.
     """
     x = ops.convert_to_tensor(x)
-    dtype = keras.backend.standardize_dtype(x.dtype)
-    if dtype in _FULL_DTYPES:
-        return x, dtype
-    if dtype in _HALF_DTYPES:
-        return ops.cast(x, "float32"), dtype
+    dtype = output_dtype(x.dtype)
+    if keras.backend.standardize_dtype(x.dtype) == dtype in _FULL_DTYPES:
+        return Logits(x, dtype)
+    return Logits(ops.cast(x, "float32" if dtype in _HALF_DTYPES else dtype), dtype)
+
+
+def output_dtype(input_dtype) -> str:
+    """The dtype the softmax returns for logits of `input_dtype`."""
+    dtype = keras.backend.standardize_dtype(input_dtype)
+    if dtype in _FULL_DTYPES or dtype in _HALF_DTYPES:
+        return dtype
     if dtype == "bool" or "int" in dtype:
-        floatx = keras.config.floatx()
-        return ops.cast(x, floatx), floatx
+        return keras.config.floatx()
     raise ValueError(f"`x` must hold real numbers. Received: x.dtype={dtype}")
 
 
-def axis_spec(axis):
-    """Checks the form of `axis` (an int or a tuple of ints) without a rank."""
+def check_axis_spec(axis):
+    """Checks the form of `axis`: an int, a tuple of ints, or None (all)."""
+    if axis is None:
+        return None
     if isinstance(axis, list):
         axis = tuple(axis)
     items = axis if isinstance(axis, tuple) else (axis,)
     if not items or not all(_is_int(a) for a in items):
         raise ValueError(
-            f"`axis` must be an int or a non-empty tuple of ints. "
+            f"`axis` must be an int, a non-empty tuple of ints or None. "
             f"Received: axis={axis!r}"
         )
     if isinstance(axis, tuple):
@@ -49,9 +68,20 @@ def axis_spec(axis):
     return int(axis)
 
 
-def axis(axis, rank):
-    """Returns `axis` with every entry made non-negative for `rank`."""
-    axis = axis_spec(axis)
+def normalize_axis(axis, rank: int):
+    """`axis` with every entry made non-negative for `rank`.
+
+    None means every axis. A single axis comes back as an int, since the
+    backends' fused kernels take one axis.
+    """
+    axis = check_axis_spec(axis)
+    if rank == 0:
+        raise ValueError(
+            f"`x` must have rank 1 or more: a scalar has no axis to normalise "
+            f"over (rank 0). Received: axis={axis!r}"
+        )
+    if axis is None:
+        axis = tuple(range(rank))
     items = axis if isinstance(axis, tuple) else (axis,)
     for a in items:
         if not -rank <= a < rank:
@@ -59,19 +89,19 @@ def axis(axis, rank):
                 f"`axis` is out of range for an input of rank {rank}. "
                 f"Received: axis={axis!r}"
             )
-    normalised = tuple(a % rank for a in items)
-    if len(set(normalised)) != len(normalised):
+    normalized = tuple(sorted(a % rank for a in items))
+    if len(set(normalized)) != len(normalized):
         raise ValueError(f"`axis` repeats an axis. Received: axis={axis!r}")
-    return normalised if isinstance(axis, tuple) else normalised[0]
+    return normalized[0] if len(normalized) == 1 else normalized
 
 
-def temperature_value(temperature, dtype="float32"):
-    """Checks a Python temperature: a positive number, finite in `dtype`."""
+def check_temperature_value(temperature, dtype: str = "float32") -> float:
+    """A Python temperature as a float: positive, and finite in `dtype`."""
     if isinstance(temperature, np.ndarray) and temperature.ndim == 0:
         temperature = temperature.item()
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(
-            f"`temperature` must be a positive finite number. "
+            f"`temperature` must be a positive finite number or a tensor. "
             f"Received: temperature={temperature!r}"
         )
     value = float(temperature)
@@ -89,25 +119,75 @@ def temperature_value(temperature, dtype="float32"):
     return value
 
 
-def temperature(temperature, dtype):
-    """A checked Python float, or a scalar tensor cast to `dtype`."""
-    if not _is_number(temperature) and _is_tensor_like(temperature):
-        t = ops.convert_to_tensor(temperature)
-        if len(t.shape) != 0:
+def to_temperature(temperature, x, axis):
+    """A checked temperature: a Python float, or a tensor of `x`'s dtype.
+
+    A tensor may be a scalar or hold one temperature per slice: it must
+    broadcast to `x` with size 1 along every normalised axis. Where its
+    values are known now they are checked like a Python number; where they
+    are only known at run time (traced, exported, a variable assigned
+    later), a temperature that is not positive and finite makes the whole
+    output NaN, never a plausible distribution.
+    """
+    if is_number(temperature):
+        return check_temperature_value(
+            temperature, keras.backend.standardize_dtype(x.dtype)
+        )
+    if not _is_tensor_like(temperature):
+        raise ValueError(
+            f"`temperature` must be a positive finite number or a tensor. "
+            f"Received: temperature={temperature!r}"
+        )
+    t = ops.cast(ops.convert_to_tensor(temperature), x.dtype)
+    _check_temperature_shape(t.shape, x.shape, axis)
+    if _backend.is_concrete(t):
+        values = ops.convert_to_numpy(t)
+        if not np.all(np.isfinite(values) & (values > 0)):
             raise ValueError(
-                f"`temperature` must be a scalar. "
-                f"Received: temperature with shape {tuple(t.shape)}"
+                f"`temperature` must be positive and finite. "
+                f"Received: temperature={values.tolist()!r}"
             )
-        return ops.cast(t, dtype)
-    return temperature_value(temperature, dtype)
+        return t
+    valid = ops.all(ops.logical_and(t > 0, t < math.inf))
+    return ops.where(valid, t, math.nan)
 
 
-def mask(mask, x):
-    """Returns `mask` as a bool tensor broadcastable to `x`, or None."""
+def check_temperature_spec(temperature_shape, x_shape, axis):
+    """Checks a symbolic temperature's shape against `x`'s (see above)."""
+    _check_temperature_shape(temperature_shape, x_shape, axis)
+
+
+def _check_temperature_shape(t_shape, x_shape, axis):
+    t_shape, x_shape = tuple(t_shape), tuple(x_shape)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    rank = len(x_shape)
+    padded = (1,) * (rank - len(t_shape)) + t_shape
+    fits = len(t_shape) <= rank and all(
+        t is None or x is None or t in (1, x)
+        for t, x in zip(padded, x_shape, strict=False)
+    )
+    if not fits or any(padded[a] not in (1, None) for a in axes):
+        raise ValueError(
+            f"`temperature` must be a scalar, or broadcast to `x` with size 1 "
+            f"along every normalised axis {axis}. Received: temperature with "
+            f"shape {t_shape} for x.shape={x_shape}"
+        )
+
+
+def to_keep_mask(mask, x):
+    """`mask` as a bool tensor broadcastable to `x` (True keeps), or None."""
     if mask is None:
         return None
     mask = ops.convert_to_tensor(mask)
-    mask_shape, x_shape = tuple(mask.shape), tuple(x.shape)
+    check_mask_shape(mask.shape, x.shape)
+    if keras.backend.standardize_dtype(mask.dtype) != "bool":
+        mask = ops.greater(mask, 0.5)
+    return mask
+
+
+def check_mask_shape(mask_shape, x_shape):
+    """Raises unless a mask of `mask_shape` broadcasts to `x_shape`."""
+    mask_shape, x_shape = tuple(mask_shape), tuple(x_shape)
     broadcastable = len(mask_shape) <= len(x_shape) and all(
         m is None or i is None or m in (1, i)
         for m, i in zip(reversed(mask_shape), reversed(x_shape), strict=False)
@@ -117,16 +197,14 @@ def mask(mask, x):
             f"`mask` must be broadcastable to `x`. "
             f"Received: mask.shape={mask_shape}, x.shape={x_shape}"
         )
-    if keras.backend.standardize_dtype(mask.dtype) != "bool":
-        mask = ops.greater(mask, 0.5)
-    return mask
 
 
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_number(value):
+def is_number(value) -> bool:
+    """Whether `value` is a Python or NumPy number rather than a tensor."""
     if isinstance(value, np.ndarray):
         return value.ndim == 0
     return isinstance(value, numbers.Real)

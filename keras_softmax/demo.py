@@ -266,7 +266,7 @@ def _seed(text):
 
 def _temperature(text):
     try:
-        return _checks.temperature_value(float(text))
+        return _checks.check_temperature_value(float(text))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a positive finite number, got {text!r}"

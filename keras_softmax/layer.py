@@ -1,6 +1,8 @@
 """The `StableSoftmax` layer: mask-aware, with a fixed or learnable temperature."""
 
 import math
+import sys
+import warnings
 
 import keras
 from keras import ops
@@ -15,14 +17,22 @@ class StableSoftmax(keras.layers.Layer):
 
     It consumes Keras masks: a mask from `Embedding(mask_zero=True)` or
     `Masking` upstream reaches `call` and its masked positions come out as
-    exactly 0. It also serves as a tempered activation:
-    `Dense(10, activation=StableSoftmax(temperature=0.5))`.
+    exactly 0. It also serves as a tempered activation,
+    `Dense(10, activation=StableSoftmax(temperature=0.5))`, but an
+    activation sees no mask: Keras passes none to activations. To normalise
+    over padded timesteps, apply it as a layer after `Dense` (it warns when
+    it sees the mask dropped that way).
+
+    The temperature is a variable, so setting `layer.temperature` takes
+    effect in the next call, `predict`, `fit` or `evaluate`, without
+    recompiling the model.
 
     Args:
-        axis: Integer, or tuple of integers to normalise jointly over.
-            Defaults to `-1`.
-        temperature: Positive finite number dividing the logits. With
-            `trainable_temperature=True` it is the initial value.
+        axis: Integer, tuple of integers to normalise jointly over, or
+            `None` for all axes. Defaults to `-1`.
+        temperature: Positive finite number dividing the logits, or a
+            `keras.Variable` holding one, which the layer then follows.
+            With `trainable_temperature=True` it is the initial value.
         trainable_temperature: If `True`, the temperature is a weight that
             `fit` learns. It is stored as its logarithm, so it stays
             strictly positive.
@@ -46,34 +56,95 @@ class StableSoftmax(keras.layers.Layer):
     >>> p = layer(np.array([[2.0, 0.0, -2.0]]), mask=np.array([[1, 1, 0]]))
     >>> [round(float(v), 6) for v in p[0]]
     [0.731059, 0.268941, 0.0]
+    >>> layer.temperature = 1.0
+    >>> p = layer(np.array([[2.0, 0.0, -2.0]]), mask=np.array([[1, 1, 0]]))
+    >>> [round(float(v), 6) for v in p[0]]
+    [0.880797, 0.119203, 0.0]
     """
 
     def __init__(
         self,
-        axis: int | tuple[int, ...] = -1,
-        temperature: float = 1.0,
+        axis: int | tuple[int, ...] | None = -1,
+        temperature: float | keras.Variable = 1.0,
         trainable_temperature: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.axis, self.temperature, self.trainable_temperature = _checked(
-            axis, temperature, trainable_temperature
-        )
+        self.axis = _checks.check_axis_spec(axis)
+        self.trainable_temperature = _check_trainable(trainable_temperature)
+        self._temperature_variable = None
+        if isinstance(temperature, keras.Variable):
+            if trainable_temperature:
+                raise ValueError(
+                    "`trainable_temperature=True` makes a temperature weight "
+                    "of its own: pass the initial value as a number. Received: "
+                    f"temperature={temperature!r}"
+                )
+            self._temperature_variable = temperature
+            self._initial_temperature = None
+        else:
+            self._initial_temperature = _checks.check_temperature_value(temperature)
         self.supports_masking = True
+        self._warned_mask_dropped = False
 
     def build(self, input_shape):
         if self.trainable_temperature:
             self.log_temperature = self.add_weight(
                 shape=(),
-                initializer=keras.initializers.Constant(math.log(self.temperature)),
+                initializer=keras.initializers.Constant(
+                    math.log(self._initial_temperature)
+                ),
                 name="log_temperature",
             )
+        elif self._temperature_variable is None:
+            self._temperature_variable = self.add_weight(
+                shape=(),
+                initializer=keras.initializers.Constant(self._initial_temperature),
+                trainable=False,
+                name="temperature",
+            )
+
+    @property
+    def temperature(self) -> float:
+        """The temperature in use, as a Python float; settable at any time."""
+        if not self.built:
+            if self._temperature_variable is not None:
+                return float(ops.convert_to_numpy(self._temperature_variable))
+            return self._initial_temperature
+        return float(ops.convert_to_numpy(self.current_temperature()))
+
+    @temperature.setter
+    def temperature(self, value):
+        value = _checks.check_temperature_value(value)
+        if self.trainable_temperature and self.built:
+            self.log_temperature.assign(math.log(value))
+        elif self._temperature_variable is not None:
+            self._temperature_variable.assign(value)
+        else:
+            self._initial_temperature = value
 
     def current_temperature(self):
-        """The temperature in use: the learned one when it is trainable."""
+        """The temperature in use as a tensor: the learned one when trainable."""
         if self.trainable_temperature:
             return ops.exp(self.log_temperature)
-        return self.temperature
+        return ops.convert_to_tensor(self._temperature_variable)
+
+    def __call__(self, inputs, *args, **kwargs):
+        mask_given = args or kwargs.get("mask") is not None
+        if not (self._warned_mask_dropped or mask_given) and _mask_dropped_by_caller(
+            self
+        ):
+            self._warned_mask_dropped = True
+            warnings.warn(
+                f"{self.__class__.__name__}(axis={self.axis!r}) runs as the "
+                "activation of a layer whose input has a Keras mask, and Keras "
+                "passes no mask to activations: padded positions are not "
+                "excluded. Apply it as a layer after that one instead, e.g. "
+                "`StableSoftmax(axis=1)(Dense(1)(x))`.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, mask=None):
         if mask is not None:
@@ -88,14 +159,19 @@ class StableSoftmax(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
+    def load_own_variables(self, store):
+        # Files saved before the fixed temperature became a variable hold no
+        # weight for it: the value in the config stands.
+        if not store.keys() and not self.trainable_temperature:
+            return
+        super().load_own_variables(store)
+
     @classmethod
     def from_config(cls, config):
         # Keras would wrap the constructor's ValueError in a TypeError.
-        _checked(
-            config.get("axis", -1),
-            config.get("temperature", 1.0),
-            config.get("trainable_temperature", False),
-        )
+        _checks.check_axis_spec(config.get("axis", -1))
+        _checks.check_temperature_value(config.get("temperature", 1.0))
+        _check_trainable(config.get("trainable_temperature", False))
         return super().from_config(config)
 
     def get_config(self):
@@ -110,17 +186,13 @@ class StableSoftmax(keras.layers.Layer):
         return config
 
 
-def _checked(axis, temperature, trainable_temperature):
+def _check_trainable(trainable_temperature):
     if not isinstance(trainable_temperature, bool):
         raise ValueError(
             "`trainable_temperature` must be True or False. "
             f"Received: trainable_temperature={trainable_temperature!r}"
         )
-    return (
-        _checks.axis_spec(axis),
-        _checks.temperature_value(temperature),
-        trainable_temperature,
-    )
+    return trainable_temperature
 
 
 def _align_keras_mask(mask, inputs):
@@ -129,3 +201,27 @@ def _align_keras_mask(mask, inputs):
     if mask_rank < rank and tuple(mask.shape) == tuple(inputs.shape[:mask_rank]):
         return ops.reshape(mask, tuple(ops.shape(mask)) + (1,) * (rank - mask_rank))
     return mask
+
+
+def _mask_dropped_by_caller(layer) -> bool:
+    """Whether `layer` runs inside another layer's call whose input is masked.
+
+    That is how an activation runs (`Dense(..., activation=layer)`): Keras
+    gives the outer layer the mask (`previous_mask` in `Layer.__call__`) and
+    the activation nothing. Best effort: False wherever Keras' frames differ.
+    """
+    call_code = keras.layers.Layer.__call__.__code__
+    frame = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            return False
+        if frame.f_code is call_code and frame.f_locals.get("self") is not layer:
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, keras.Model):
+                return False
+            mask = frame.f_locals.get("previous_mask")
+            return mask is not None and not all(
+                m is None for m in keras.tree.flatten(mask)
+            )
+        frame = frame.f_back
+    return False

@@ -1,14 +1,25 @@
 """The stable softmax and log-softmax: exact for every finite logit.
 
-Written with `keras.ops` only, so one body of code serves every backend. The
-backend's own fused softmax does the work wherever its answer is already
-exact, which is every slice of ordinary logits; the rare slice it would get
-wrong (a NaN, a +inf, nothing kept, or logits so large that dividing by the
-temperature would overflow) is recomputed on an exact path that shifts by the
-slice maximum before it divides.
+Written with `keras.ops`, so one body of code serves every backend; the
+little that depends on the backend asks `_backend`. Two paths compute the
+same result:
+
+- The fused path, where ops run one kernel at a time (TensorFlow eagerly or
+  in a `tf.function` without XLA, PyTorch eagerly): the backend's own fused
+  softmax does the work, and a check that costs one read picks the exact
+  formula for the rare slice the kernel would get wrong (a NaN, a `+inf`,
+  nothing kept, or a temperature so large that the shifted logits may
+  overflow before the division).
+- The compiled path, where a compiler fuses the exact formula into as few
+  passes as a softmax anyway (XLA, JAX, `torch.compile`), and for joint
+  normalisation over several axes.
+
+Both shift by the slice maximum before they divide by the temperature, and
+both differentiate through one custom gradient, `y * (g - sum(g * y))`.
 """
 
 import math
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -31,17 +42,22 @@ def stable_softmax(x, axis=-1, mask=None, temperature=1.0):
     NaN or `+inf` logit makes its slice NaN rather than hiding the error.
 
     Args:
-        x: Logits: a tensor, NumPy array or nested list. Half-precision
-            inputs are computed in float32 and returned in their own dtype;
-            integer and bool inputs are computed in `keras.config.floatx()`.
-        axis: Integer, or tuple of integers to normalise jointly over
-            several axes. Defaults to `-1`.
+        x: Logits: a tensor, NumPy array, nested list or `keras.KerasTensor`
+            (then the result is a symbolic tensor for a functional model).
+            Half-precision inputs are computed in float32 and returned in
+            their own dtype; integer and bool inputs are computed in
+            `keras.config.floatx()`.
+        axis: Integer, tuple of integers to normalise jointly over several
+            axes, or `None` for all axes. Defaults to `-1`.
         mask: Optional bool tensor broadcastable to `x`, `True` to keep a
             position. A numeric mask keeps the positions where it is `> 0.5`.
             Masked values are ignored, except that a NaN still shows.
-        temperature: Positive finite number, or scalar tensor or variable,
-            that divides the logits. Below 1 the output sharpens towards the
-            argmax; above 1 it flattens towards uniform.
+        temperature: Divides the logits: below 1 the output sharpens
+            towards the argmax, above 1 it flattens towards uniform. A
+            positive finite number, or a tensor or variable: a scalar, or
+            one temperature per slice (broadcastable to `x`, with size 1
+            along every normalised axis). A tensor that turns out not
+            positive and finite only at run time makes the whole output NaN.
 
     Returns:
         Probabilities of the same shape as `x`. On the TensorFlow backend
@@ -57,6 +73,10 @@ def stable_softmax(x, axis=-1, mask=None, temperature=1.0):
     >>> p = keras_softmax.stable_softmax([[1.0, 2.0, 3.0]], mask=[[1, 1, 0]])
     >>> [round(float(v), 6) for v in p[0]]
     [0.268941, 0.731059, 0.0]
+    >>> p = keras_softmax.stable_softmax([[2.0, 0.0], [2.0, 0.0]],
+    ...                                  temperature=[[1.0], [2.0]])
+    >>> [[round(float(v), 4) for v in row] for row in p]
+    [[0.8808, 0.1192], [0.7311, 0.2689]]
     """
     return _stable(x, axis, mask, temperature, log=False)
 
@@ -71,9 +91,9 @@ def stable_log_softmax(x, axis=-1, mask=None, temperature=1.0):
 
     Args:
         x: Logits, as for `stable_softmax`.
-        axis: Integer or tuple of integers. Defaults to `-1`.
+        axis: Integer, tuple of integers or `None`. Defaults to `-1`.
         mask: Optional mask, as for `stable_softmax`.
-        temperature: Positive finite number or scalar tensor.
+        temperature: As for `stable_softmax`.
 
     Returns:
         Log-probabilities of the same shape as `x`.
@@ -89,109 +109,183 @@ def stable_log_softmax(x, axis=-1, mask=None, temperature=1.0):
 
 
 def _stable(x, axis, mask, temperature, log):
-    x, output_dtype = _checks.logits(x)
-    compute_dtype = keras.backend.standardize_dtype(x.dtype)
-    axis = _checks.axis(axis, len(x.shape))
-    temperature = _checks.temperature(temperature, compute_dtype)
-    keep = _checks.mask(mask, x)
+    if _any_symbolic(x, mask, temperature):
+        return _symbolic(x, axis, mask, temperature, log)
+    x, output_dtype = _checks.to_compute_dtype(x)
+    axis = _checks.normalize_axis(axis, len(x.shape))
+    t = _checks.to_temperature(temperature, x, axis)
+    keep = _checks.to_keep_mask(mask, x)
+    if any(size == 0 for size in x.shape):
+        return ops.zeros(ops.shape(x), output_dtype)
+    if isinstance(t, float):
+        t = None if t == 1.0 else ops.convert_to_tensor(t, x.dtype)
 
-    if not _is_one(temperature):
-        # A tensor, not a Python float, so a graph serves every temperature.
-        temperature = ops.convert_to_tensor(temperature, compute_dtype)
-    logits = None
-    if _backend.eager() and isinstance(axis, int):
-        outputs, logits = _fused_or_exact(x, axis, keep, temperature, log)
-    else:
-        outputs = _exact(x, axis, keep, temperature, log)
-    outputs = ops.cast(outputs, output_dtype)
+    fused = _backend.takes_fused_path() and isinstance(axis, int)
+    result = (_fused if fused else _compiled)(x, axis, keep, t, log)
+    outputs = ops.cast(result.outputs, output_dtype)
     if not log and _backend.losses_read_logits():
-        if logits is None:
-            logits = _logits(x, axis, keep, temperature, log)[1]
+        # The fused path's logits are finite already where a mask filled them.
+        logits = result.logits if fused else _finite(result.logits)
         outputs._keras_logits = ops.cast(logits, output_dtype)
     return outputs
 
 
-def _fused_or_exact(x, axis, keep, t, log):
-    """The backend's fused softmax, or the exact path where a slice needs it.
+class _Result(NamedTuple):
+    """The softmax (or log-softmax), and the tempered logits it came from."""
 
-    Returns `(outputs, logits)`.
-    """
-    top, logits, bound = _logits(x, axis, keep, t, log)
+    outputs: object
+    logits: object
+
+
+def _fused(x, axis, keep, t, log):
+    """The backend's fused kernel, checked with one read for special slices."""
     dtype = keras.backend.standardize_dtype(x.dtype)
-    # The fused kernel is exact wherever the maximum is finite and, with a
-    # mask, far enough above the fill that the fill underflows exp to 0.
-    fast = ops.logical_and(top > -math.inf, top < math.inf)
+    largest = float(np.finfo(dtype).max)
+    if keep is None or log:
+        # Log-probabilities of masked positions must be -inf themselves.
+        fill, lowest_top = -math.inf, -math.inf
+    else:
+        # Probabilities carry their logits to Keras' losses, which need them
+        # finite (0 * -inf is NaN in TensorFlow's fused cross-entropy): a
+        # finite fill, far enough below every kept slice maximum that exp
+        # flushes it to 0, and small enough that shifted and tempered it
+        # stays finite too.
+        fill = _constant(-largest / 2, dtype)
+        lowest_top = fill + _UNDERFLOW[dtype]
+        if t is not None:
+            fill = fill * ops.minimum(t, _constant(1.0, dtype))
+            lowest_top = fill + _UNDERFLOW[dtype] * t
+    z = x if keep is None else ops.where(keep, x, fill)
+
+    if keep is None and t is None:
+        # The kernel shifts by the maximum itself; a NaN in its output is
+        # the one sign of a special slice, so the check reads the output.
+        def usable(fast):
+            return ops.logical_not(ops.isnan(ops.sum(fast)))
+
+        logits = z
+    else:
+        top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
+        # NaN fails both comparisons; the maxima propagate kept NaNs.
+        ok = ops.all(ops.logical_and(top > lowest_top, top < math.inf))
+        if keep is not None:
+            # The fill hid the masked values; a NaN among them must show.
+            ok = ops.logical_and(ok, ops.logical_not(ops.isnan(ops.sum(x))))
+        if t is not None:
+            # Beyond this, z - top may overflow where (z - top) / t would not.
+            overflows = _constant(largest / _UNDERFLOW[dtype], dtype)
+            ok = ops.logical_and(ok, ops.all(t < overflows))
+        # With T = 1 the kernel shifts by the maximum itself.
+        logits = z if t is None else _divide(z - top, t)
+
+        def usable(fast):
+            return ok
+
+    @ops.custom_gradient
+    def forward(logits):
+        fast = ops.log_softmax(logits, axis) if log else ops.softmax(logits, axis)
+        outputs = ops.cond(
+            usable(fast), lambda: fast, lambda: _exact(x, axis, keep, t, log)
+        )
+        return outputs, _backward(outputs, axis, log)
+
+    return _Result(forward(logits), logits)
+
+
+def _compiled(x, axis, keep, t, log):
+    """The exact formula alone, for compilers that fuse it into few passes."""
+    # NaNs stay in, masked or not, so the maximum carries them to the slice.
     if keep is not None:
-        if not log:
-            fast = ops.logical_and(fast, top > -bound + _UNDERFLOW[dtype] * t)
-        # The fill hid the masked values; a NaN among them must still show.
-        # (TensorFlow's max propagates NaN; the exact path does not rely on it.)
-        raw_top = ops.max(ops.stop_gradient(x), axis=axis, keepdims=True)
-        fast = ops.logical_and(fast, ops.logical_not(ops.isnan(raw_top)))
-    # The fused kernel stays inside its branch: outside, its gradient would
-    # run on the NaN it gives for special slices, even when discarded.
-    outputs = ops.cond(
-        ops.all(fast),
-        lambda: ops.log_softmax(logits, axis) if log else ops.softmax(logits, axis),
-        lambda: _exact(x, axis, keep, t, log),
-    )
-    return outputs, logits
+        x = ops.where(ops.logical_or(keep, ops.isnan(x)), x, -math.inf)
+    top = ops.max(ops.stop_gradient(x), axis=axis, keepdims=True)
+    # A slice with nothing kept (top = -inf) stays all -inf; a NaN or +inf
+    # maximum makes its slice NaN.
+    shift = ops.where(top == -math.inf, 0.0, top)
+    if t is None:
+        logits = x - shift
+    else:
+        # Halves cannot overflow in the subtraction, and halving both sides
+        # of the division rounds exactly as the division itself.
+        logits = _divide(x / 2 - shift / 2, t / 2)
+
+    @ops.custom_gradient
+    def forward(logits):
+        exps = ops.exp(logits)
+        total = _sum(exps, axis)
+        # A slice with nothing kept sums to 0: it becomes 0 / 1, or -inf - 0;
+        # a NaN total (from a NaN or +inf maximum) stays NaN. Not
+        # maximum(total, 1): JAX splits its gradient at the tie.
+        total = ops.where(total == 0, 1.0, total)
+        outputs = logits - ops.log(total) if log else exps / total
+        return outputs, _backward(outputs, axis, log)
+
+    return _Result(forward(logits), _finite(logits))
 
 
-def _logits(x, axis, keep, t, log):
-    """`(top, logits, bound)`: the masked logits' slice maxima, and the
-    masked logits shifted and tempered.
+def _backward(outputs, axis, log):
+    """The gradient of the softmax (or log-softmax) with respect to its logits.
 
-    Masked positions are filled with -bound: finite, so the logits stay
-    usable by TensorFlow's fused cross-entropy (0 * -inf is NaN there), and
-    small enough that shifted and tempered they stay finite too.
-    Log-probabilities of masked positions must be -inf, so for them the fill
-    is -inf itself; only probabilities carry their logits to a loss.
+    Exact and finite wherever the outputs are: zero at masked positions and
+    in slices with nothing kept.
     """
-    dtype = keras.backend.standardize_dtype(x.dtype)
-    half_max = ops.convert_to_tensor(float(np.finfo(dtype).max) / 2, dtype)
-    bound = half_max if _is_one(t) else half_max * ops.where(t < 1.0, t, 1.0)
-    z = x if keep is None else ops.where(keep, x, -math.inf if log else -bound)
-    top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
-    if _is_one(t):
-        return top, z, bound
-    # Shifting before dividing keeps the rounding error proportional to
-    # z - max z, as in the reference, rather than to z.
-    return top, (z - top) / t, bound
+
+    def grad(*args, upstream=None):
+        g = args[-1] if upstream is None else upstream
+        if log:
+            # Positions at -inf are constants: their upstream is dropped.
+            g = ops.where(outputs > -math.inf, g, 0.0)
+            return g - ops.exp(outputs) * _sum(g, axis)
+        return outputs * (g - _sum(g * outputs, axis))
+
+    return grad
+
+
+def _divide(shifted, t):
+    """`shifted / t`, whose gradient stays finite where `shifted` is -inf."""
+    if t is None:
+        return shifted
+
+    @ops.custom_gradient
+    def divide(shifted, t):
+        logits = shifted / t
+
+        def grad(*args, upstream=None):
+            g = args[-1] if upstream is None else upstream
+            # The gradient is 0 wherever a logit is -inf; 0 * -inf would be NaN.
+            terms = ops.where(logits > -math.inf, g * logits, 0.0)
+            return g / t, -_sum_to_shape(terms, t.shape) / t
+
+        return logits, grad
+
+    return divide(shifted, t)
 
 
 def _exact(x, axis, keep, t, log):
-    """The softmax of any input: shifts by the slice maximum, then divides.
+    """The softmax of any input, written for exporters as well as runtimes.
 
-    Written without selecting between values that may be infinite: tf2onnx
-    turns such a `where` into `c * a + (1 - c) * b`, where `0 * inf` is NaN.
+    Shifts by the slice maximum, then divides. It never selects between
+    values that may be infinite: tf2onnx turns such a `where` into
+    `c * a + (1 - c) * b`, where `0 * inf` is NaN. And it multiplies masked
+    positions by the mask rather than trusting the fill, which LiteRT's
+    converter turns from -inf into the lowest float.
     """
     dtype = keras.backend.standardize_dtype(x.dtype)
     z = x if keep is None else ops.where(keep, x, -math.inf)
-    top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
+    top = ops.max(z, axis=axis, keepdims=True)
     # A finite shift for every slice: one with nothing kept (top = -inf)
-    # stays all -inf, so exp gives its zeros.
-    # Bounds as tensors of `dtype`: Keras' PyTorch backend makes a Python
-    # float float32, where float64's max is inf (and its maximum of two
-    # float64 tensors is float32 too, as of Keras 3.15).
-    largest = ops.convert_to_tensor(float(np.finfo(dtype).max), dtype)
+    # stays all -inf, so exp gives its zeros. Bounds as tensors of `dtype`:
+    # Keras' PyTorch backend makes a Python float float32, where float64's
+    # max is inf.
+    largest = _constant(float(np.finfo(dtype).max), dtype)
     shift = ops.clip(top, -largest, largest)
-    if _is_one(t):
+    if t is None:
         shifted = z - shift
     else:
-        # Halves cannot overflow in the subtraction, and an overflow in the
-        # division only ever means that exp underflows to 0.
-        shifted = (z / 2 - shift / 2) / t * 2
-
-    # A kept slice peaks at exactly exp(0) = 1, so only a slice with
-    # nothing kept has a total of 0: it becomes 0 / 1, or -inf - 0.
+        shifted = (z / 2 - shift / 2) / (t / 2)
     exps = ops.exp(shifted)
     if keep is not None:
-        # Zeros that hold even where a converter turned the -inf fill into
-        # the lowest float, as LiteRT's does: exp(fill - shift) <= 1.
         exps = exps * ops.cast(keep, dtype)
     total = _sum(exps, axis)
-    # Not maximum(total, 1): JAX splits its gradient at the tie total = 1.
     total = ops.where(total > 0, total, 1.0)
     outputs = shifted - ops.log(total) if log else exps / total
     # NaN for the whole slice when it holds +inf (0 * inf) or any NaN.
@@ -201,6 +295,21 @@ def _exact(x, axis, keep, t, log):
         any_nan = ops.any(ops.isnan(x), axis=axis, keepdims=True)
         poison = poison + ops.cast(ops.where(any_nan, math.nan, 0.0), dtype)
     return outputs + poison
+
+
+def _finite(logits):
+    """Logits a loss can read: -inf (masked) becomes a finite large negative."""
+    dtype = keras.backend.standardize_dtype(logits.dtype)
+    return ops.maximum(logits, _constant(-float(np.finfo(dtype).max) / 2, dtype))
+
+
+def _constant(value, dtype):
+    """`value` as a tensor of `dtype`.
+
+    Keras' PyTorch backend makes a Python float float32, where float64's
+    max is inf (as of Keras 3.15).
+    """
+    return ops.convert_to_tensor(value, dtype)
 
 
 def _sum(x, axis):
@@ -215,8 +324,66 @@ def _sum(x, axis):
     return x
 
 
-def _is_one(t):
-    return isinstance(t, float) and t == 1.0
+def _sum_to_shape(x, shape):
+    """Sums `x` down to `shape`, which broadcasts to it: a gradient's reverse."""
+    shape = tuple(shape)
+    extra = len(x.shape) - len(shape)
+    if extra:
+        x = ops.sum(x, axis=tuple(range(extra)))
+    broadcast = tuple(
+        i for i, size in enumerate(shape) if size == 1 and x.shape[i] != 1
+    )
+    if broadcast:
+        x = ops.sum(x, axis=broadcast, keepdims=True)
+    return x
 
 
-_fused_or_exact = _backend.as_graph(_fused_or_exact)
+def _any_symbolic(*values):
+    return any(isinstance(v, keras.KerasTensor) for v in values)
+
+
+def _symbolic(x, axis, mask, temperature, log):
+    """A functional model's node: the softmax of a `keras.KerasTensor`."""
+    if _checks.is_number(temperature):
+        return StableSoftmaxOperation(axis, temperature, log)(x, mask)
+    return StableSoftmaxOperation(axis, None, log)(x, mask, temperature)
+
+
+@keras.saving.register_keras_serializable(package="keras_softmax")
+class StableSoftmaxOperation(keras.Operation):
+    """`stable_softmax` (or `stable_log_softmax`) as a functional-model node.
+
+    Args:
+        axis: As for `stable_softmax`.
+        temperature: A Python number, or None when it is a call input.
+        log: Whether it computes the log-softmax.
+    """
+
+    def __init__(self, axis=-1, temperature=1.0, log=False, *, name=None):
+        super().__init__(name=name)
+        self.axis = _checks.check_axis_spec(axis)
+        if temperature is not None:
+            temperature = _checks.check_temperature_value(temperature)
+        self.temperature = temperature
+        self.log = bool(log)
+
+    def call(self, x, mask=None, temperature=None):
+        if temperature is None:
+            temperature = self.temperature
+        return _stable(x, self.axis, mask, temperature, self.log)
+
+    def compute_output_spec(self, x, mask=None, temperature=None):
+        axis = _checks.normalize_axis(self.axis, len(x.shape))
+        if mask is not None:
+            _checks.check_mask_shape(mask.shape, x.shape)
+        if temperature is not None:
+            _checks.check_temperature_spec(temperature.shape, x.shape, axis)
+        return keras.KerasTensor(x.shape, dtype=_checks.output_dtype(x.dtype))
+
+    def get_config(self):
+        return {
+            "axis": self.axis,
+            "temperature": self.temperature,
+            "log": self.log,
+            "name": self.name,
+        }
