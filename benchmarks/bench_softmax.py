@@ -1,18 +1,26 @@
-"""Times stable_softmax against TensorFlow's and Keras' own softmax.
+"""Times stable_softmax against TensorFlow's and Keras' own, on every TF path.
 
-Each case runs both contenders side by side in one process, alternating
-them in every repeat, and reports the median time of each and the ratio of
-the medians. Run from the repository root:
+The paths Keras users run on a CPU: eager calls; a `tf.function` without
+XLA (how `fit`, `predict` and `evaluate` run where there is no GPU); XLA
+(`jit_compile=True`); gradients in a `tf.function`; `predict` with a large
+softmax head; a loop of small eager calls (sampling); and the peak memory
+of log-softmax in a `tf.function`. Each case runs its contenders side by
+side in one process, in alternation, and reports the medians and their
+ratio (see benchmarks/_timing.py). Run from the repository root:
 
-    python benchmarks/bench_softmax.py            # [2048, 8192], 15 repeats
-    python benchmarks/bench_softmax.py --rows 256 --repeats 5   # a quick look
+    python benchmarks/bench_softmax.py               # every case, 11 rounds
+    python benchmarks/bench_softmax.py --only graph  # cases whose name has "graph"
+    python benchmarks/bench_softmax.py --rounds 5    # a quick look
+
+(JAX and PyTorch: benchmarks/bench_backends.py.)
 """
 
 import argparse
 import os
 import platform
-import statistics
-import time
+import resource
+import subprocess
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -20,108 +28,259 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _timing import TABLE_HEADER  # noqa: E402
+from _timing import interleaved_medians  # noqa: E402
+from _timing import ratio_row  # noqa: E402
 
 import keras_softmax  # noqa: E402
 
-
-def _time(fn, repeats):
-    """Per-repeat wall times of `fn()`, waiting for the result each time."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn().numpy()
-        times.append(time.perf_counter() - start)
-    return times
+BIG = (2048, 8192)
+WIDE = (8, 128, 50000)
+SMALL = (64, 128)
+MEMORY_SHAPE = (1024, 262144)
 
 
-def _compare(ours, baseline, repeats, warmup=3):
-    for _ in range(warmup):
-        ours().numpy()
-        baseline().numpy()
-    ours_times, base_times = [], []
-    for _ in range(repeats):
-        # Alternate so that drifts in machine load hit both alike.
-        ours_times += _time(ours, 1)
-        base_times += _time(baseline, 1)
-    ours_ms = statistics.median(ours_times) * 1e3
-    base_ms = statistics.median(base_times) * 1e3
-    return ours_ms, base_ms, ours_ms / base_ms
+def _data(shape, seed=0):
+    """Logits of scale 5, and a mask keeping 70% (the first of every slice)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(scale=5.0, size=shape).astype("float32")
+    mask = rng.random(shape) >= 0.3
+    mask[..., 0] = True
+    return tf.constant(x), tf.constant(mask)
+
+
+def _sync(result):
+    return [t.numpy() for t in tf.nest.flatten(result)]
+
+
+def _keras_masked():
+    layer = keras.layers.Softmax()
+    return lambda x, m: layer(x / 0.7, mask=m)
+
+
+def _ours_masked(x, m):
+    return keras_softmax.stable_softmax(x, mask=m, temperature=0.7)
+
+
+def _gradient_of(fn):
+    def gradient(*args):
+        with tf.GradientTape() as tape:
+            tape.watch(args[0])
+            y = fn(*args)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, args[0])
+
+    return gradient
+
+
+def timing_cases():
+    """`(name, ours, baseline name, baseline, target, arguments)` per case."""
+    graph = tf.function
+    xla = lambda fn: tf.function(fn, jit_compile=True)  # noqa: E731
+    ours, native = keras_softmax.stable_softmax, tf.nn.softmax
+    big, big_mask = _data(BIG)
+    wide, _ = _data(WIDE)
+    small, _ = _data(SMALL)
+    masked = "keras.layers.Softmax()(x / 0.7, mask)"
+    return [
+        ("eager, plain", ours, "tf.nn.softmax", native, 1.15, (big,)),
+        (
+            "eager, masked, T = 0.7",
+            _ours_masked,
+            masked,
+            _keras_masked(),
+            0.85,
+            (big, big_mask),
+        ),
+        ("graph, plain", graph(ours), "tf.nn.softmax", graph(native), 1.15, (big,)),
+        (
+            "graph, plain, [8, 128, 50000]",
+            graph(ours),
+            "tf.nn.softmax",
+            graph(native),
+            1.15,
+            (wide,),
+        ),
+        (
+            "graph, plain, [64, 128]",
+            graph(ours),
+            "tf.nn.softmax",
+            graph(native),
+            1.5,
+            (small,),
+        ),
+        (
+            "graph, log-softmax",
+            graph(keras_softmax.stable_log_softmax),
+            "tf.nn.log_softmax",
+            graph(tf.nn.log_softmax),
+            1.15,
+            (big,),
+        ),
+        (
+            "graph, masked, T = 0.7",
+            graph(_ours_masked),
+            masked,
+            graph(_keras_masked()),
+            1.1,
+            (big, big_mask),
+        ),
+        (
+            "graph gradient, plain",
+            graph(_gradient_of(ours)),
+            "tf.nn.softmax",
+            graph(_gradient_of(native)),
+            1.2,
+            (big,),
+        ),
+        (
+            "graph gradient, masked, T = 0.7",
+            graph(_gradient_of(_ours_masked)),
+            masked,
+            graph(_gradient_of(_keras_masked())),
+            1.1,
+            (big, big_mask),
+        ),
+        ("XLA, plain", xla(ours), "tf.nn.softmax", xla(native), 1.05, (big,)),
+        (
+            "XLA, masked, T = 0.7",
+            xla(_ours_masked),
+            masked,
+            xla(_keras_masked()),
+            1.05,
+            (big, big_mask),
+        ),
+    ]
+
+
+def predict_case(rounds):
+    """`model.predict` with a Dense(32000) head, stable against built-in."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1024, 128)).astype("float32")
+    models = {}
+    for activation in ("stable_softmax", "softmax"):
+        keras.utils.set_random_seed(0)
+        models[activation] = keras.Sequential(
+            [keras.Input((128,)), keras.layers.Dense(32000, activation=activation)]
+        )
+    times = interleaved_medians(
+        {
+            name: (lambda m=m: m.predict(x, batch_size=128, verbose=0))
+            for name, m in models.items()
+        },
+        sync=lambda out: out,
+        rounds=rounds,
+    )
+    return ratio_row(
+        "predict, Dense(32000) head, 1024 rows",
+        times["stable_softmax"],
+        '`"softmax"`',
+        times["softmax"],
+        1.05,
+    )
+
+
+def small_calls_case(rounds, calls=100):
+    """A sampling loop: 100 eager calls on [1, 32000]."""
+    x = _data((1, 32000))[0]
+
+    def loop(fn):
+        def run():
+            for _ in range(calls):
+                out = fn(x)
+            return out
+
+        return run
+
+    times = interleaved_medians(
+        {"ours": loop(keras_softmax.stable_softmax), "native": loop(tf.nn.softmax)},
+        sync=_sync,
+        rounds=rounds,
+    )
+    return ratio_row(
+        f"{calls} eager calls on [1, 32000] (time per call)",
+        times["ours"] / calls,
+        "tf.nn.softmax",
+        times["native"] / calls,
+        4,
+    )
+
+
+def peak_memory(which, shape):
+    """Extra peak RSS of one `tf.function` log-softmax call, ÷ the input size."""
+    x = tf.constant(np.random.default_rng(0).normal(size=shape).astype("float32"))
+    fn = tf.function(
+        keras_softmax.stable_log_softmax if which == "ours" else tf.nn.log_softmax
+    )
+    fn(tf.constant(np.zeros((2, 3), "float32")))  # trace on a small input
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = fn(x)
+    out.numpy()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (after - before) * 1024 / (np.prod(shape) * 4)
+
+
+def memory_case():
+    """Each contender in a fresh process, so neither sees the other's peak."""
+    ratios = {}
+    for which in ("ours", "native"):
+        result = subprocess.run(
+            [sys.executable, __file__, "--memory-of", which],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        ratios[which] = float(result.stdout.split()[-1])
+    verdict = " ✓" if ratios["ours"] <= 1.1 else " ✗"
+    return (
+        f"| graph log-softmax, extra peak RSS ÷ input size, {list(MEMORY_SHAPE)} "
+        f"| {ratios['ours']:.2f}{verdict} | tf.nn.log_softmax | "
+        f"{ratios['native']:.2f} | | ≤ 1.1 |"
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=2048)
-    parser.add_argument("--cols", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--rounds", type=int, default=11, help="rounds per case (default 11)"
+    )
+    parser.add_argument(
+        "--only", default="", help="run only the cases whose name contains this"
+    )
+    parser.add_argument(
+        "--memory-of", choices=["ours", "native"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
-
-    rng = np.random.default_rng(0)
-    shape = (args.rows, args.cols)
-    x = tf.constant(rng.normal(scale=5.0, size=shape).astype("float32"))
-    # 30% masked at random, and no row fully masked.
-    mask_np = rng.random(shape) >= 0.3
-    mask_np[:, 0] = True
-    mask = tf.constant(mask_np)
-    keras_masked = keras.layers.Softmax()
-
-    jit_ours = tf.function(keras_softmax.stable_softmax, jit_compile=True)
-    jit_tf = tf.function(tf.nn.softmax, jit_compile=True)
-    jit_ours_masked = tf.function(
-        lambda x, m: keras_softmax.stable_softmax(x, mask=m, temperature=0.7),
-        jit_compile=True,
-    )
-    jit_keras_masked = tf.function(
-        lambda x, m: keras_masked(x / 0.7, mask=m), jit_compile=True
-    )
-
-    cases = [
-        (
-            "eager, no mask, T=1",
-            lambda: keras_softmax.stable_softmax(x),
-            "tf.nn.softmax",
-            lambda: tf.nn.softmax(x),
-            1.15,
-        ),
-        (
-            "eager, 30% masked, T=0.7",
-            lambda: keras_softmax.stable_softmax(x, mask=mask, temperature=0.7),
-            "keras.layers.Softmax()(x / 0.7, mask)",
-            lambda: keras_masked(x / 0.7, mask=mask),
-            0.85,
-        ),
-        (
-            "XLA (jit_compile), no mask, T=1",
-            lambda: jit_ours(x),
-            "tf.nn.softmax, XLA",
-            lambda: jit_tf(x),
-            1.05,
-        ),
-        (
-            "XLA (jit_compile), 30% masked, T=0.7",
-            lambda: jit_ours_masked(x, mask),
-            "keras.layers.Softmax, XLA",
-            lambda: jit_keras_masked(x, mask),
-            None,
-        ),
-    ]
+    if args.memory_of:
+        print(peak_memory(args.memory_of, MEMORY_SHAPE))
+        return
 
     print(
-        f"stable_softmax on float32 {list(shape)}, TensorFlow {tf.__version__}, "
-        f"Keras {keras.__version__}, {os.cpu_count()} CPU cores "
-        f"({platform.processor() or platform.machine()}), "
-        f"median of {args.repeats} alternating repeats"
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"float32, median of {args.rounds} interleaved rounds"
     )
     print()
-    print("| case | stable_softmax (ms) | baseline | baseline (ms) | ratio | target |")
-    print("|---|---:|---|---:|---:|---:|")
-    for name, ours, base_name, base, target in cases:
-        ours_ms, base_ms, ratio = _compare(ours, base, args.repeats)
-        goal = "" if target is None else f"≤ {target:.2f}"
-        verdict = "" if target is None else (" ✓" if ratio <= target else " ✗")
-        print(
-            f"| {name} | {ours_ms:.1f} | {base_name} | {base_ms:.1f} | "
-            f"{ratio:.2f}{verdict} | {goal} |"
+    print(TABLE_HEADER)
+    for name, ours, base_name, base, target, data in timing_cases():
+        if args.only not in name:
+            continue
+        times = interleaved_medians(
+            {
+                "ours": lambda ours=ours, data=data: ours(*data),
+                "base": lambda base=base, data=data: base(*data),
+            },
+            sync=_sync,
+            rounds=args.rounds,
         )
+        print(ratio_row(name, times["ours"], base_name, times["base"], target))
+        sys.stdout.flush()
+    if args.only in "predict, Dense(32000) head":
+        print(predict_case(args.rounds), flush=True)
+    if args.only in "100 eager calls":
+        print(small_calls_case(args.rounds), flush=True)
+    if args.only in "graph log-softmax memory":
+        print(memory_case(), flush=True)
 
 
 if __name__ == "__main__":

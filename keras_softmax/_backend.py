@@ -5,6 +5,9 @@ asks here. (The demo, serving and the tests name backends for their own
 reasons: exports start from TensorFlow, for one.)
 """
 
+import functools
+import math
+
 import keras
 
 
@@ -56,6 +59,85 @@ def is_concrete(tensor) -> bool:
         import torch
 
         return not torch.compiler.is_compiling()
+    return True
+
+
+def cond_finite(value, true_fn, false_fn):
+    """`true_fn()` if the scalar `value` is finite, else `false_fn()`.
+
+    Where `value` can be read now, a plain `if`: eager calls then skip
+    Keras' `Cond` operation, whose set-up costs more than the softmax of a
+    small tensor.
+    """
+    if is_concrete(value):
+        return true_fn() if math.isfinite(float(value)) else false_fn()
+    return keras.ops.cond(keras.ops.isfinite(value), true_fn, false_fn)
+
+
+def graph_when_large(fn):
+    """On TensorFlow, runs eager calls of `fn` on large inputs as a graph.
+
+    A graph updates intermediates in place and runs independent reductions
+    side by side, where eager ops allocate a fresh output each; for a small
+    input the call of a graph costs more than that saves. One cached graph
+    per static configuration (the Python arguments, which tensor arguments
+    are given, their ranks and dtypes), each retracing at most once more to
+    relax its sizes, so a loop over varying shapes does not retrace.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    graphs = {}
+
+    @functools.wraps(fn)
+    def run(x, *args):
+        if not tf.executing_eagerly() or _size(x) < _LARGE:
+            return fn(x, *args)
+        key = (x.dtype, len(x.shape)) + tuple(
+            (a.dtype, len(a.shape)) if tf.is_tensor(a) else a for a in args
+        )
+        if key not in graphs:
+            graphs[key] = tf.function(fn, reduce_retracing=True, autograph=False)
+        return graphs[key](x, *args)
+
+    return run
+
+
+# Elements from which an eager call runs as a graph (see graph_when_large).
+_LARGE = 1 << 16
+
+
+def _size(x):
+    size = 1
+    for n in x.shape:
+        size *= n
+    return size
+
+
+def records_gradients(*tensors) -> bool:
+    """Whether a gradient of these tensors may be asked for, now or later.
+
+    False only for eager calls that no tape or autograd records: there a
+    custom gradient would cost its set-up for nothing.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            return True
+        from tensorflow.python.eager import record
+
+        return record.could_possibly_record()
+    if backend == "torch":
+        import torch
+
+        if torch.compiler.is_compiling():
+            return True
+        return torch.is_grad_enabled() and any(
+            getattr(t, "requires_grad", False) for t in tensors
+        )
     return True
 
 

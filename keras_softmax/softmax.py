@@ -122,12 +122,18 @@ def _stable(x, axis, mask, temperature, log):
 
     fused = _backend.takes_fused_path() and isinstance(axis, int)
     result = (_fused if fused else _compiled)(x, axis, keep, t, log)
-    outputs = ops.cast(result.outputs, output_dtype)
+    outputs = _cast(result.outputs, output_dtype)
     if not log and _backend.losses_read_logits():
         # The fused path's logits are finite already where a mask filled them.
         logits = result.logits if fused else _finite(result.logits)
-        outputs._keras_logits = ops.cast(logits, output_dtype)
+        outputs._keras_logits = _cast(logits, output_dtype)
     return outputs
+
+
+def _cast(x, dtype):
+    if keras.backend.standardize_dtype(x.dtype) == dtype:
+        return x
+    return ops.cast(x, dtype)
 
 
 class _Result(NamedTuple):
@@ -137,13 +143,33 @@ class _Result(NamedTuple):
     logits: object
 
 
+@_backend.graph_when_large
 def _fused(x, axis, keep, t, log):
-    """The backend's fused kernel, checked with one read for special slices."""
+    """The backend's fused kernel, checked with one read for special slices.
+
+    The check is one scalar, finite exactly when the kernel's answer is
+    exact, so that an eager call reads a single number.
+    """
     dtype = keras.backend.standardize_dtype(x.dtype)
     largest = float(np.finfo(dtype).max)
+    if keep is None and t is None:
+        # The kernel shifts by the maximum itself, and a special slice (a
+        # NaN, +inf, or only -inf) gives a NaN among its outputs, which the
+        # maximum carries.
+        def witness(fast):
+            return ops.max(fast)
+
+        return _fused_kernel(
+            x, x, axis, witness, lambda: _exact(x, axis, keep, t, log), log
+        )
+
     if keep is None or log:
         # Log-probabilities of masked positions must be -inf themselves.
-        fill, lowest_top = -math.inf, -math.inf
+        z = x if keep is None else ops.where(keep, x, -math.inf)
+        top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
+        # Not finite for a NaN (the maxima propagate it), +inf or -inf
+        # (nothing kept) maximum.
+        check = ops.max(top) + ops.min(top)
     else:
         # Probabilities carry their logits to Keras' losses, which need them
         # finite (0 * -inf is NaN in TensorFlow's fused cross-entropy): a
@@ -151,45 +177,37 @@ def _fused(x, axis, keep, t, log):
         # flushes it to 0, and small enough that shifted and tempered it
         # stays finite too.
         fill = _constant(-largest / 2, dtype)
-        lowest_top = fill + _UNDERFLOW[dtype]
         if t is not None:
             fill = fill * ops.minimum(t, _constant(1.0, dtype))
-            lowest_top = fill + _UNDERFLOW[dtype] * t
-    z = x if keep is None else ops.where(keep, x, fill)
-
-    if keep is None and t is None:
-        # The kernel shifts by the maximum itself; a NaN in its output is
-        # the one sign of a special slice, so the check reads the output.
-        def usable(fast):
-            return ops.logical_not(ops.isnan(ops.sum(fast)))
-
-        logits = z
-    else:
+        lowest_top = fill + _UNDERFLOW[dtype] * (1.0 if t is None else t)
+        z = ops.where(keep, x, fill)
         top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
-        # NaN fails both comparisons; the maxima propagate kept NaNs.
-        ok = ops.all(ops.logical_and(top > lowest_top, top < math.inf))
-        if keep is not None:
-            # The fill hid the masked values; a NaN among them must show.
-            ok = ops.logical_and(ok, ops.logical_not(ops.isnan(ops.sum(x))))
-        if t is not None:
-            # Beyond this, z - top may overflow where (z - top) / t would not.
-            overflows = _constant(largest / _UNDERFLOW[dtype], dtype)
-            ok = ops.logical_and(ok, ops.all(t < overflows))
-        # With T = 1 the kernel shifts by the maximum itself.
-        logits = z if t is None else _divide(z - top, t)
+        # The log is finite only if every maximum is above its lowest.
+        check = ops.log(ops.min(top - lowest_top)) + ops.max(top)
+    if keep is not None:
+        # The fill hid the masked values; a NaN among them must still show.
+        # (A masked +inf takes the exact path too, which ignores it.)
+        check = check + 0.0 * ops.max(x)
+    if t is not None:
+        # Beyond this, z - top may overflow where (z - top) / t would not.
+        limit = _constant(largest / _UNDERFLOW[dtype], dtype)
+        check = check + ops.log(limit - ops.max(t))
+    # With T = 1 the kernel shifts by the maximum itself.
+    logits = z if t is None else _divide(z - top, t)
+    return _fused_kernel(
+        logits, x, axis, lambda fast: check, lambda: _exact(x, axis, keep, t, log), log
+    )
 
-        def usable(fast):
-            return ok
 
-    @ops.custom_gradient
+def _fused_kernel(logits, x, axis, witness, exact, log):
+    """The fused softmax of `logits`, or `exact()` where `witness` is not finite."""
+
     def forward(logits):
         fast = ops.log_softmax(logits, axis) if log else ops.softmax(logits, axis)
-        outputs = ops.cond(
-            usable(fast), lambda: fast, lambda: _exact(x, axis, keep, t, log)
-        )
+        outputs = _backend.cond_finite(witness(fast), lambda: fast, exact)
         return outputs, _backward(outputs, axis, log)
 
-    return _Result(forward(logits), logits)
+    return _Result(_with_custom_gradient(forward, logits), logits)
 
 
 def _compiled(x, axis, keep, t, log):
@@ -208,7 +226,6 @@ def _compiled(x, axis, keep, t, log):
         # of the division rounds exactly as the division itself.
         logits = _divide(x / 2 - shift / 2, t / 2)
 
-    @ops.custom_gradient
     def forward(logits):
         exps = ops.exp(logits)
         total = _sum(exps, axis)
@@ -219,7 +236,18 @@ def _compiled(x, axis, keep, t, log):
         outputs = logits - ops.log(total) if log else exps / total
         return outputs, _backward(outputs, axis, log)
 
-    return _Result(forward(logits), _finite(logits))
+    return _Result(_with_custom_gradient(forward, logits), _finite(logits))
+
+
+def _with_custom_gradient(forward, *inputs):
+    """`forward(*inputs)[0]`, differentiated by the gradient it returns.
+
+    Eager calls that nothing records skip the wrapper, whose set-up costs
+    more than the softmax of a small tensor.
+    """
+    if _backend.records_gradients(*inputs):
+        return ops.custom_gradient(forward)(*inputs)
+    return forward(*inputs)[0]
 
 
 def _backward(outputs, axis, log):
@@ -245,7 +273,6 @@ def _divide(shifted, t):
     if t is None:
         return shifted
 
-    @ops.custom_gradient
     def divide(shifted, t):
         logits = shifted / t
 
@@ -257,7 +284,7 @@ def _divide(shifted, t):
 
         return logits, grad
 
-    return divide(shifted, t)
+    return _with_custom_gradient(divide, shifted, t)
 
 
 def _exact(x, axis, keep, t, log):
