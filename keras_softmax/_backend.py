@@ -6,9 +6,9 @@ reasons: exports start from TensorFlow, for one.)
 """
 
 import functools
-import math
 
 import keras
+import numpy as np
 
 
 def takes_fused_path() -> bool:
@@ -62,16 +62,17 @@ def is_concrete(tensor) -> bool:
     return True
 
 
-def cond_finite(value, true_fn, false_fn):
-    """`true_fn()` if the scalar `value` is finite, else `false_fn()`.
+def cond_no_nan(value, true_fn, false_fn):
+    """`true_fn()` unless the small tensor `value` holds a NaN, else `false_fn()`.
 
     Where `value` can be read now, a plain `if`: eager calls then skip
     Keras' `Cond` operation, whose set-up costs more than the softmax of a
     small tensor.
     """
     if is_concrete(value):
-        return true_fn() if math.isfinite(float(value)) else false_fn()
-    return keras.ops.cond(keras.ops.isfinite(value), true_fn, false_fn)
+        has_nan = np.isnan(keras.ops.convert_to_numpy(value)).any()
+        return false_fn() if has_nan else true_fn()
+    return keras.ops.cond(keras.ops.any(keras.ops.isnan(value)), false_fn, true_fn)
 
 
 def graph_when_large(fn):

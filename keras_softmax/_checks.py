@@ -129,6 +129,8 @@ def to_temperature(temperature, x, axis):
     later), a temperature that is not positive and finite makes the whole
     output NaN, never a plausible distribution.
     """
+    if type(temperature) is float and temperature == 1.0:
+        return temperature  # the default: no check to pay for on every call
     if is_number(temperature):
         return check_temperature_value(
             temperature, keras.backend.standardize_dtype(x.dtype)
@@ -193,8 +195,13 @@ def check_mask_shape(mask_shape, x_shape):
         for m, i in zip(reversed(mask_shape), reversed(x_shape), strict=False)
     )
     if not broadcastable:
+        extra = (
+            " and must not have more dimensions"
+            if len(mask_shape) > len(x_shape)
+            else ""
+        )
         raise ValueError(
-            f"`mask` must be broadcastable to `x`. "
+            f"`mask` must be broadcastable to `x`{extra}. "
             f"Received: mask.shape={mask_shape}, x.shape={x_shape}"
         )
 

@@ -72,7 +72,8 @@ class StableSoftmax(keras.layers.Layer):
         super().__init__(**kwargs)
         self.axis = _checks.check_axis_spec(axis)
         self.trainable_temperature = _check_trainable(trainable_temperature)
-        self._temperature_variable = None
+        # The temperature lives in a variable whatever the input, so the
+        # layer is built here, as Keras' own Softmax is.
         if isinstance(temperature, keras.Variable):
             if trainable_temperature:
                 raise ValueError(
@@ -81,47 +82,37 @@ class StableSoftmax(keras.layers.Layer):
                     f"temperature={temperature!r}"
                 )
             self._temperature_variable = temperature
-            self._initial_temperature = None
         else:
-            self._initial_temperature = _checks.check_temperature_value(temperature)
+            value = _checks.check_temperature_value(temperature)
+            if trainable_temperature:
+                self.log_temperature = self.add_weight(
+                    shape=(),
+                    initializer=keras.initializers.Constant(math.log(value)),
+                    name="log_temperature",
+                )
+            else:
+                self._temperature_variable = self.add_weight(
+                    shape=(),
+                    initializer=keras.initializers.Constant(value),
+                    trainable=False,
+                    name="temperature",
+                )
         self.supports_masking = True
         self._warned_mask_dropped = False
-
-    def build(self, input_shape):
-        if self.trainable_temperature:
-            self.log_temperature = self.add_weight(
-                shape=(),
-                initializer=keras.initializers.Constant(
-                    math.log(self._initial_temperature)
-                ),
-                name="log_temperature",
-            )
-        elif self._temperature_variable is None:
-            self._temperature_variable = self.add_weight(
-                shape=(),
-                initializer=keras.initializers.Constant(self._initial_temperature),
-                trainable=False,
-                name="temperature",
-            )
+        self._build_at_init()
 
     @property
     def temperature(self) -> float:
         """The temperature in use, as a Python float; settable at any time."""
-        if not self.built:
-            if self._temperature_variable is not None:
-                return float(ops.convert_to_numpy(self._temperature_variable))
-            return self._initial_temperature
         return float(ops.convert_to_numpy(self.current_temperature()))
 
     @temperature.setter
     def temperature(self, value):
         value = _checks.check_temperature_value(value)
-        if self.trainable_temperature and self.built:
+        if self.trainable_temperature:
             self.log_temperature.assign(math.log(value))
-        elif self._temperature_variable is not None:
-            self._temperature_variable.assign(value)
         else:
-            self._initial_temperature = value
+            self._temperature_variable.assign(value)
 
     def current_temperature(self):
         """The temperature in use as a tensor: the learned one when trainable."""

@@ -19,6 +19,7 @@ both differentiate through one custom gradient, `y * (g - sum(g * y))`.
 """
 
 import math
+import warnings
 from typing import NamedTuple
 
 import keras
@@ -120,7 +121,18 @@ def _stable(x, axis, mask, temperature, log):
     if isinstance(t, float):
         t = None if t == 1.0 else ops.convert_to_tensor(t, x.dtype)
 
-    fused = _backend.takes_fused_path() and isinstance(axis, int)
+    single = isinstance(axis, int)
+    if single and x.shape[axis] == 1:
+        # Keras' own hint, word for word; the compiled path does not repeat it.
+        warnings.warn(
+            f"You are using a softmax over axis {axis} of a tensor of shape "
+            f"{tuple(x.shape)}. This axis has size 1. The softmax operation "
+            "will always return the value 1, which is likely not what you "
+            "intended. Did you mean to use a sigmoid instead?",
+            stacklevel=3,
+        )
+        single = False
+    fused = single and _backend.takes_fused_path()
     result = (_fused if fused else _compiled)(x, axis, keep, t, log)
     outputs = _cast(result.outputs, output_dtype)
     if not log and _backend.losses_read_logits():
@@ -147,29 +159,31 @@ class _Result(NamedTuple):
 def _fused(x, axis, keep, t, log):
     """The backend's fused kernel, checked with one read for special slices.
 
-    The check is one scalar, finite exactly when the kernel's answer is
-    exact, so that an eager call reads a single number.
+    The check is one small tensor (a value per slice at most), with a NaN
+    exactly where the kernel's answer might not be exact, so that an eager
+    call reads a few numbers.
     """
-    dtype = keras.backend.standardize_dtype(x.dtype)
-    largest = float(np.finfo(dtype).max)
     if keep is None and t is None:
         # The kernel shifts by the maximum itself, and a special slice (a
         # NaN, +inf, or only -inf) gives a NaN among its outputs, which the
-        # maximum carries.
+        # slice's sum carries. (Log-probabilities may sum to -inf, never to
+        # NaN.)
         def witness(fast):
-            return ops.max(fast)
+            return ops.sum(fast, axis=axis)
 
         return _fused_kernel(
             x, x, axis, witness, lambda: _exact(x, axis, keep, t, log), log
         )
 
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    largest = float(np.finfo(dtype).max)
     if keep is None or log:
         # Log-probabilities of masked positions must be -inf themselves.
         z = x if keep is None else ops.where(keep, x, -math.inf)
         top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
-        # Not finite for a NaN (the maxima propagate it), +inf or -inf
-        # (nothing kept) maximum.
-        check = ops.max(top) + ops.min(top)
+        # NaN for a NaN (the maxima propagate it), +inf or -inf (nothing
+        # kept) maximum: 0 * inf is NaN.
+        check = 0.0 * top
     else:
         # Probabilities carry their logits to Keras' losses, which need them
         # finite (0 * -inf is NaN in TensorFlow's fused cross-entropy): a
@@ -182,8 +196,9 @@ def _fused(x, axis, keep, t, log):
         lowest_top = fill + _UNDERFLOW[dtype] * (1.0 if t is None else t)
         z = ops.where(keep, x, fill)
         top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)
-        # The log is finite only if every maximum is above its lowest.
-        check = ops.log(ops.min(top - lowest_top)) + ops.max(top)
+        # The log is finite only where the maximum is finite and above its
+        # lowest.
+        check = 0.0 * ops.log(top - lowest_top)
     if keep is not None:
         # The fill hid the masked values; a NaN among them must still show.
         # (A masked +inf takes the exact path too, which ignores it.)
@@ -191,7 +206,7 @@ def _fused(x, axis, keep, t, log):
     if t is not None:
         # Beyond this, z - top may overflow where (z - top) / t would not.
         limit = _constant(largest / _UNDERFLOW[dtype], dtype)
-        check = check + ops.log(limit - ops.max(t))
+        check = check + 0.0 * ops.log(limit - t)
     # With T = 1 the kernel shifts by the maximum itself.
     logits = z if t is None else _divide(z - top, t)
     return _fused_kernel(
@@ -200,11 +215,11 @@ def _fused(x, axis, keep, t, log):
 
 
 def _fused_kernel(logits, x, axis, witness, exact, log):
-    """The fused softmax of `logits`, or `exact()` where `witness` is not finite."""
+    """The fused softmax of `logits`, or `exact()` if `witness` holds a NaN."""
 
     def forward(logits):
         fast = ops.log_softmax(logits, axis) if log else ops.softmax(logits, axis)
-        outputs = _backend.cond_finite(witness(fast), lambda: fast, exact)
+        outputs = _backend.cond_no_nan(witness(fast), lambda: fast, exact)
         return outputs, _backward(outputs, axis, log)
 
     return _Result(_with_custom_gradient(forward, logits), logits)
