@@ -104,7 +104,9 @@ class StableSoftmax(keras.layers.Layer):
     @property
     def temperature(self) -> float:
         """The temperature in use, as a Python float; settable at any time."""
-        return float(ops.convert_to_numpy(self.current_temperature()))
+        # The shortest decimal that the variable's dtype reads back as the
+        # same value: 0.7, not 0.699999988079071.
+        return float(str(ops.convert_to_numpy(self.current_temperature())))
 
     @temperature.setter
     def temperature(self, value):
