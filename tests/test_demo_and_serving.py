@@ -1,4 +1,4 @@
-"""The main job: training, saving, exporting and serving the classifier."""
+"""The main job and its entry points: train, save, export, serve, start quietly."""
 
 import json
 import pathlib
