@@ -5,8 +5,9 @@ are on`, `cudart_stub.cc] Could not find cuda drivers` or `E0000 ... failed
 call to cuInit` to the process's stderr while it is imported. TensorFlow
 2.21 logs them through absl before absl's logging is set up, so
 `TF_CPP_MIN_LOG_LEVEL` does not reach them: only catching file descriptor 2
-during the import does. Everything else written there (Python
-warnings, a traceback) is written back.
+during the import does. Everything else written there (Python warnings, a
+traceback) is written back. The demo does the same while it serves its
+artefacts, where LiteRT's interpreter announces itself in C++.
 
 `python -m keras_softmax.demo` imports `keras_softmax/__init__.py`, and so
 Keras and TensorFlow, before the first line of `demo.py` runs: the package
@@ -15,6 +16,7 @@ This module imports nothing but the standard library, and does nothing on
 a plain `import keras_softmax`: a library does not silence its user's logs.
 """
 
+import contextlib
 import importlib.util
 import os
 import pathlib
@@ -31,11 +33,13 @@ _TENSORFLOW_LOG_LINE = re.compile(
     r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] "  # TensorFlow's own format
     r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
     r"|To enable the following instructions:"  # the second line of cpu_feature_guard
+    # LiteRT (TensorFlow Lite) says so each time an interpreter starts.
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU"
 )
 
 
 def is_tensorflow_log_line(line: str) -> bool:
-    """Whether `line` is one of TensorFlow's C++ informational or error lines."""
+    """Whether `line` is one of TensorFlow's or LiteRT's C++ log lines."""
     return _TENSORFLOW_LOG_LINE.match(line) is not None
 
 
@@ -68,12 +72,24 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
         return
+    with without_tensorflow_log_lines():
+        import tensorflow  # noqa: F401
+
+
+@contextlib.contextmanager
+def without_tensorflow_log_lines():
+    """Catches what is written to file descriptor 2, and writes back the rest.
+
+    C++ code writes to the descriptor itself, past `sys.stderr`; every line
+    that is not a TensorFlow or LiteRT log line is written back when the
+    block ends, whether it ends normally or by an exception.
+    """
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow  # noqa: F401
+            yield
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)

@@ -146,6 +146,7 @@ def _tensorflow_log_lines(text):
         "to cuInit: INTERNAL: CUDA error",
         "2025-09-17 14:44:05.157831: I external/local_xla/xla/tsl/cuda/"
         "cudart_stub.cc:32] Could not find cuda drivers on your machine",
+        "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
     ],
 )
 def test_tensorflow_log_lines_are_recognised(line):
