@@ -37,10 +37,24 @@ def _nll(p, labels):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--factor", type=float, default=3.0)
-    parser.add_argument("--examples", type=int, default=20000)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--factor",
+        type=float,
+        default=3.0,
+        help="how overconfident the model is: it reports k * z (default 3)",
+    )
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=20000,
+        help="examples in each of the validation and test sets (default 20000)",
+    )
+    parser.add_argument(
+        "--classes", type=int, default=10, help="number of classes (default 10)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the logits and labels (default 0)"
+    )
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
