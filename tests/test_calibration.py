@@ -503,6 +503,19 @@ def test_metric_config_round_trips_through_keras_serialization():
     assert float(restored.result()) == float(metric.result())
 
 
+def test_metric_saved_under_the_module_path_before_the_split_still_loads():
+    # Files saved before calibration became a package (saved_models/ among
+    # them) record the module "keras_softmax.calibration". Keras looks the
+    # class up by its registered name, which did not change, and the package
+    # still exports it under that module.
+    config = keras.saving.serialize_keras_object(ExpectedCalibrationError(num_bins=7))
+    assert config["registered_name"] == "keras_softmax>ExpectedCalibrationError"
+    config["module"] = "keras_softmax.calibration"
+    restored = keras.saving.deserialize_keras_object(config)
+    assert isinstance(restored, ExpectedCalibrationError)
+    assert restored.num_bins == 7
+
+
 def test_metric_in_compile_fit_and_evaluate_matches_the_function_on_predict():
     keras.utils.set_random_seed(0)
     x, y = blobs(np.random.default_rng(9), 256)
