@@ -1,12 +1,22 @@
 """keras_softmax: a softmax for Keras 3 that is exact for any finite logits."""
 
-from keras_softmax import calibration
-from keras_softmax.layer import StableSoftmax
-from keras_softmax.registration import register_activations
-from keras_softmax.softmax import stable_log_softmax
-from keras_softmax.softmax import stable_softmax
+import importlib.metadata
 
-__version__ = "0.1.0"
+from keras_softmax import _quiet
+
+# Before Keras is imported: Keras imports TensorFlow, which logs as it loads.
+if _quiet.entry_point_running():
+    _quiet.quiet_tensorflow()
+
+from keras_softmax import calibration  # noqa: E402
+from keras_softmax.layer import StableSoftmax  # noqa: E402
+from keras_softmax.registration import register_activations  # noqa: E402
+from keras_softmax.softmax import stable_log_softmax  # noqa: E402
+from keras_softmax.softmax import stable_softmax  # noqa: E402
+
+# The version is written once, in pyproject.toml; an installed package,
+# editable or not, carries it in its metadata.
+__version__ = importlib.metadata.version("keras-softmax")
 __all__ = ["StableSoftmax", "calibration", "stable_log_softmax", "stable_softmax"]
 
 register_activations()

@@ -9,28 +9,34 @@ served prediction checked against the Keras model.
 
     python -m keras_softmax.demo [--epochs N] [--seed S] [--temperature T]
                                  [--output-dir DIR] [--quiet]
+
+By default everything is written to `artifacts/`, which git ignores, so a
+run leaves the checkout as it was. The artefacts committed in
+`saved_models/` are regenerated, deliberately, with
+
+    python -m keras_softmax.demo --output-dir saved_models
 """
 
 import argparse
-import os
 import pathlib
 import sys
 import time
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Keras' tf2onnx shim probes a NumPy attribute that NumPy 2 warns about.
-warnings.filterwarnings("ignore", category=FutureWarning, module="keras.src.export")
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from keras_softmax import _checks  # noqa: E402
-from keras_softmax import calibration  # noqa: E402
-from keras_softmax import serving  # noqa: E402
-from keras_softmax.layer import StableSoftmax  # noqa: E402
+from keras_softmax import _checks
+from keras_softmax import _cli
+from keras_softmax import _quiet
+from keras_softmax import calibration
+from keras_softmax import serving
+from keras_softmax.layer import StableSoftmax
 
 NAME = "digits_classifier"
+# Git ignores it (.gitignore): a run with the default options changes no
+# tracked file.
+DEFAULT_OUTPUT_DIR = "artifacts"
 INPUT_NAME = "pixels"
 # How far each way of serving may differ from the Keras model.
 TOLERANCES = {
@@ -122,7 +128,9 @@ def check_served(paths, model, inputs) -> dict:
 
 
 def main(argv=None) -> int:
-    args = _parse(argv)
+    args = _parser().parse_args(argv)
+    # Keras' tf2onnx shim probes a NumPy attribute that NumPy 2 warns about.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="keras.src.export")
     verbose = 0 if args.quiet else 1
     say = (lambda *a, **k: None) if args.quiet else print
     data = load_digits(args.seed)
@@ -149,7 +157,9 @@ def main(argv=None) -> int:
     formats = [f for f in serving.FORMATS if _why_not_exported(f) is None]
     output_dir = pathlib.Path(args.output_dir)
     paths = serving.save(stable, output_dir, NAME, formats)
-    differences = check_served(paths, stable, {INPUT_NAME: x_test})
+    # LiteRT's interpreter announces itself on stderr, in C++.
+    with _quiet.without_tensorflow_log_lines():
+        differences = check_served(paths, stable, {INPUT_NAME: x_test})
     serving.write_manifest(
         output_dir,
         paths.values(),
@@ -238,32 +248,6 @@ def _why_not_exported(fmt):
     return None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One clear line, and the exit code of a usage error.
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def _temperature(text):
     try:
         return _checks.check_temperature_value(float(text))
@@ -273,23 +257,27 @@ def _temperature(text):
         ) from None
 
 
-def _parse(argv):
-    parser = _Parser(
+def _parser():
+    parser = _cli.training_parser(
         prog="keras-softmax-demo",
         description="Train, evaluate, save, export and serve a digits classifier "
         "whose head is Dense(10, activation='stable_softmax').",
     )
-    parser.add_argument("--epochs", type=_positive_int, default=40)
-    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument(
         "--temperature",
         type=_temperature,
         default=1.0,
         help="temperature of the head (default 1: the 'stable_softmax' string)",
     )
-    parser.add_argument("--output-dir", default="saved_models")
+    parser.add_argument(
+        "--output-dir",
+        default=DEFAULT_OUTPUT_DIR,
+        help=f"where to write the artefacts and their manifest (default "
+        f"{DEFAULT_OUTPUT_DIR}/, which git ignores; '--output-dir saved_models' "
+        "regenerates the committed ones)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the report")
-    return parser.parse_args(argv)
+    return parser
 
 
 if __name__ == "__main__":

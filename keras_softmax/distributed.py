@@ -15,14 +15,15 @@ below, or under 0.95.
 
 import argparse
 import contextlib
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import keras
 
-import keras  # noqa: E402
+from keras_softmax import _cli
+from keras_softmax import demo
 
-from keras_softmax import demo  # noqa: E402
+# Each device must get a whole share of every batch of 32.
+DEVICE_COUNTS = (2, 4, 8, 16, 32)
 
 
 def data_parallel(devices: int):
@@ -65,16 +66,8 @@ def _distribution_scope(distribution):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m keras_softmax.distributed",
-        description=__doc__.splitlines()[0],
-    )
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.devices < 2 or 32 % args.devices:
-        parser.error(f"--devices must be 2, 4, 8, 16 or 32, got {args.devices}")
 
     try:
         scope = data_parallel(args.devices)
@@ -103,6 +96,30 @@ def main(argv=None) -> int:
         f"data-parallel over {args.devices} devices"
     )
     return 0 if parallel >= 0.95 and parallel >= single - 0.01 else 1
+
+
+def _parser():
+    parser = _cli.training_parser(
+        prog="python -m keras_softmax.distributed",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument(
+        "--devices",
+        type=_device_count,
+        default=2,
+        help="how many devices to train over: 2, 4, 8, 16 or 32 (default 2)",
+    )
+    return parser
+
+
+def _device_count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value not in DEVICE_COUNTS:
+        raise argparse.ArgumentTypeError(f"expected 2, 4, 8, 16 or 32, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

@@ -11,15 +11,14 @@ is refused with a clear error instead of being loaded.
 
 import hashlib
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 import textwrap
 
 import keras
 import numpy as np
+
+from keras_softmax._fresh_process import run_python
 
 FORMATS = ("keras", "saved_model", "onnx", "litert")
 _SUFFIXES = {
@@ -178,7 +177,8 @@ def verify(directory) -> dict:
             raise ArtifactError(
                 f"{file} does not match {manifest_path}: sha256 {actual} "
                 f"instead of {expected}. The file is truncated or was modified; "
-                "re-create it with `python -m keras_softmax.demo`."
+                "re-create it with `python -m keras_softmax.demo --output-dir "
+                f"{directory}`."
             )
     return manifest
 
@@ -202,13 +202,7 @@ inputs = dict(np.load({str(tmp / "inputs.npz")!r}))
 """
         epilogue = f"\nnp.save({str(tmp / 'outputs.npy')!r}, np.asarray(outputs))\n"
         code = prologue + textwrap.dedent(body) + epilogue
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-            timeout=600,
-        )
+        result = run_python("-c", code, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
         if result.returncode != 0:
             raise RuntimeError(
                 f"Serving {path} in a fresh process failed:\n{result.stderr[-2000:]}"

@@ -2,7 +2,9 @@
 
 Every result is checked against an independent reference written here: a
 plain loop for the calibration error, a grid search for the temperature,
-and data drawn from a known temperature.
+and data drawn from a known temperature (the softmax is the suite's float64
+one, `tests/reference.py`). The metric gets the checks Keras gives its own
+metrics: config round trip, `reset_state`, batched against unbatched.
 """
 
 import io
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from reference import softmax as reference_softmax
 
 import keras_softmax
 from keras_softmax import StableSoftmax
@@ -68,19 +71,13 @@ def grid_search_temperature(logits, labels, lo=1e-2, hi=1e2):
     return grid[np.argmin([reference_nll(logits, labels, t) for t in grid])]
 
 
-def softmax64(z):
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def far_from_bin_edges(probs, num_bins, margin=1e-6):
     scaled = np.max(probs, axis=1) * num_bins
     return np.abs(scaled - np.round(scaled)).min() > margin * num_bins
 
 
 def random_probs(rng, n, num_classes, sharpness=3.0):
-    return softmax64(sharpness * rng.normal(size=(n, num_classes)))
+    return reference_softmax(sharpness * rng.normal(size=(n, num_classes)))
 
 
 # --- fit_temperature --------------------------------------------------------
@@ -93,7 +90,9 @@ def test_fitted_temperature_matches_a_brute_force_grid_search(seed, num_classes,
     rng = np.random.default_rng(seed)
     logits = scale * rng.normal(size=(300, num_classes))
     # Labels follow softmax(logits / 2): mildly overconfident logits.
-    labels = np.array([rng.choice(num_classes, p=p) for p in softmax64(logits / 2)])
+    labels = np.array(
+        [rng.choice(num_classes, p=p) for p in reference_softmax(logits / 2)]
+    )
     fitted = fit_temperature(logits, labels)
     assert fitted == pytest.approx(grid_search_temperature(logits, labels), rel=1e-4)
 
@@ -102,7 +101,7 @@ def test_fitted_temperature_recovers_known_overconfidence_factor():
     rng = np.random.default_rng(7)
     n, num_classes, factor = 20000, 5, 3.0
     true_logits = 2.0 * rng.normal(size=(n, num_classes))
-    cumulative = np.cumsum(softmax64(true_logits), axis=1)
+    cumulative = np.cumsum(reference_softmax(true_logits), axis=1)
     labels = np.argmax(rng.random((n, 1)) < cumulative, axis=1)
     given = factor * true_logits
 
@@ -111,7 +110,7 @@ def test_fitted_temperature_recovers_known_overconfidence_factor():
     # beta = 1 / T is a maximum-likelihood estimate: its standard error is
     # 1 / sqrt(n * I), with I = mean Var_p[z] the Fisher information per
     # example, and T's relative error equals beta's.
-    p = softmax64(true_logits)
+    p = reference_softmax(true_logits)
     mean = np.sum(p * given, axis=1, keepdims=True)
     fisher = np.mean(np.sum(p * (given - mean) ** 2, axis=1))
     relative_sd = factor / math.sqrt(n * fisher)
@@ -205,7 +204,7 @@ def test_constant_logits_give_a_temperature_of_one():
 def test_extreme_logit_magnitudes_stay_finite_and_hit_the_bounds(magnitude):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(50, 3))
-    labels = np.array([rng.choice(3, p=p) for p in softmax64(logits)])
+    labels = np.array([rng.choice(3, p=p) for p in reference_softmax(logits)])
     # The optimum is T = magnitude * 1.0, far outside [1e-3, 1e3].
     expected = 1e3 if magnitude > 1 else 1e-3
     assert fit_temperature(magnitude * logits, labels) == expected
@@ -239,7 +238,7 @@ def test_label_formats_and_tensors_all_give_the_same_temperature():
 # --- Argument checks --------------------------------------------------------
 
 LOGITS = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-PROBS = softmax64(LOGITS)
+PROBS = reference_softmax(LOGITS)
 
 
 @pytest.mark.parametrize(
@@ -456,6 +455,33 @@ def test_metric_reset_state_forgets_earlier_batches():
     )
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_metric_fed_in_batches_equals_the_metric_fed_all_at_once(weighted):
+    rng = np.random.default_rng(14)
+    probs = random_probs(rng, 200, 4).astype(np.float32)
+    labels = rng.integers(0, 4, 200)
+    weights = rng.random(200).astype(np.float32) if weighted else None
+    whole = ExpectedCalibrationError(num_bins=12)
+    whole.update_state(labels, probs, sample_weight=weights)
+    batched = ExpectedCalibrationError(num_bins=12)
+    # Batches of unequal sizes, an empty one among them.
+    for batch in np.array_split(np.arange(200), [0, 0, 7, 64, 150]):
+        batched.update_state(
+            labels[batch],
+            probs[batch],
+            sample_weight=None if weights is None else weights[batch],
+        )
+    for name in ("bin_counts", "bin_confidences", "bin_hits"):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(getattr(batched, name)),
+            keras.ops.convert_to_numpy(getattr(whole, name)),
+            rtol=1e-6,
+            err_msg=name,
+        )
+    assert float(batched.result()) == pytest.approx(float(whole.result()), abs=1e-6)
+    assert float(whole.result()) > 0
+
+
 def test_metric_config_round_trips_through_keras_serialization():
     metric = ExpectedCalibrationError(num_bins=7, name="ece7", dtype="float64")
     config = metric.get_config()
@@ -469,6 +495,25 @@ def test_metric_config_round_trips_through_keras_serialization():
     )
     assert isinstance(restored, ExpectedCalibrationError)
     assert restored.get_config() == config
+    # The metric rebuilt from its config measures what the original does.
+    rng = np.random.default_rng(15)
+    probs, labels = random_probs(rng, 50, 3), rng.integers(0, 3, 50)
+    for each in (metric, restored):
+        each.update_state(labels, probs)
+    assert float(restored.result()) == float(metric.result())
+
+
+def test_metric_saved_under_the_module_path_before_the_split_still_loads():
+    # Files saved before calibration became a package (saved_models/ among
+    # them) record the module "keras_softmax.calibration". Keras looks the
+    # class up by its registered name, which did not change, and the package
+    # still exports it under that module.
+    config = keras.saving.serialize_keras_object(ExpectedCalibrationError(num_bins=7))
+    assert config["registered_name"] == "keras_softmax>ExpectedCalibrationError"
+    config["module"] = "keras_softmax.calibration"
+    restored = keras.saving.deserialize_keras_object(config)
+    assert isinstance(restored, ExpectedCalibrationError)
+    assert restored.num_bins == 7
 
 
 def test_metric_in_compile_fit_and_evaluate_matches_the_function_on_predict():
@@ -553,7 +598,7 @@ def test_calibrated_output_is_stable_softmax_of_the_logits_over_the_fitted_tempe
     temperature = calibrated.layers[-1].temperature
     logits = head_logits(model, x_val)
     assert temperature == pytest.approx(fit_temperature(logits, y_val), rel=1e-5)
-    expected = softmax64(logits / temperature)
+    expected = reference_softmax(logits / temperature)
     np.testing.assert_allclose(
         calibrated.predict(x_val, verbose=0), expected, atol=1e-6
     )
@@ -610,7 +655,9 @@ def test_calibrate_reads_the_output_of_a_logits_model_as_logits():
     temperature = calibrated.layers[-1].temperature
     assert temperature == pytest.approx(fit_temperature(logits, y), rel=1e-6)
     np.testing.assert_allclose(
-        calibrated.predict(x, verbose=0), softmax64(logits / temperature), atol=1e-6
+        calibrated.predict(x, verbose=0),
+        reference_softmax(logits / temperature),
+        atol=1e-6,
     )
 
 
@@ -635,7 +682,7 @@ def test_calibrate_replaces_a_final_softmax_layer_of_a_functional_model(head):
     assert temperature == pytest.approx(fit_temperature(expected_logits, y), rel=1e-6)
     np.testing.assert_allclose(
         calibrated.predict(x, verbose=0),
-        softmax64(expected_logits / temperature),
+        reference_softmax(expected_logits / temperature),
         atol=1e-6,
     )
 

@@ -1,26 +1,11 @@
 """Training over several devices, and the same accuracy on every backend."""
 
-import os
-import subprocess
-import sys
-
-import keras
 import numpy as np
+from backends import BACKEND
 
 from keras_softmax import demo
-
-BACKEND = keras.backend.backend()
-
-
-def _run(args, **env):
-    result = subprocess.run(
-        [sys.executable, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
-        timeout=900,
-    )
-    return result.returncode, result.stdout, result.stderr
+from keras_softmax._fresh_process import check_python
+from keras_softmax._fresh_process import run_python
 
 
 def test_data_parallel_training_over_two_devices_reaches_single_device_accuracy():
@@ -29,9 +14,9 @@ def test_data_parallel_training_over_two_devices_reaches_single_device_accuracy(
     env = {"KERAS_BACKEND": BACKEND}
     if BACKEND == "jax":
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    code, out, err = _run(
-        ["-m", "keras_softmax.distributed", "--devices", "2", "--epochs", "15"], **env
-    )
+    command = ["-m", "keras_softmax.distributed", "--devices", "2", "--epochs", "15"]
+    result = run_python(*command, env=env, timeout=900)
+    code, out, err = result.returncode, result.stdout, result.stderr
     if BACKEND == "torch":
         assert code == 2 and "not torch" in err
         return
@@ -47,19 +32,17 @@ def test_classifier_accuracy_on_this_backend_is_within_001_of_tensorflows():
     demo.train(model, data, epochs=15, seed=0, verbose=0)
     x_test, y_test = data[2]
     here = demo.scores(model.predict(x_test, verbose=0), y_test)["accuracy"]
-    code, out, err = _run(
-        [
-            "-c",
-            "from keras_softmax import demo\n"
-            "data = demo.load_digits(seed=0)\n"
-            "model = demo.build_model('stable_softmax', seed=0)\n"
-            "demo.train(model, data, epochs=15, seed=0, verbose=0)\n"
-            "x, y = data[2]\n"
-            "print(demo.scores(model.predict(x, verbose=0), y)['accuracy'])\n",
-        ],
-        KERAS_BACKEND="tensorflow",
+    out = check_python(
+        "-c",
+        "from keras_softmax import demo\n"
+        "data = demo.load_digits(seed=0)\n"
+        "model = demo.build_model('stable_softmax', seed=0)\n"
+        "demo.train(model, data, epochs=15, seed=0, verbose=0)\n"
+        "x, y = data[2]\n"
+        "print(demo.scores(model.predict(x, verbose=0), y)['accuracy'])\n",
+        env={"KERAS_BACKEND": "tensorflow"},
+        timeout=900,
     )
-    assert code == 0, err[-2000:]
     tensorflow = float(out.split()[-1])
     assert here >= 0.95
     assert abs(here - tensorflow) <= 0.01, (BACKEND, here, tensorflow)

@@ -1,8 +1,6 @@
 """Points 6 to 8 of the contract, and the layer and activation names."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -18,18 +16,14 @@ import keras_softmax
 from keras_softmax import StableSoftmax
 from keras_softmax import stable_log_softmax
 from keras_softmax import stable_softmax
+from keras_softmax._fresh_process import check_python
 
 
 def _run_fresh(code):
     """Runs `code` in a new interpreter with warnings as errors; returns stdout."""
-    result = subprocess.run(
-        [sys.executable, "-W", "error::RuntimeWarning", "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return check_python(
+        "-W", "error::RuntimeWarning", "-c", textwrap.dedent(code), timeout=300
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 def test_activation_names_work_in_a_fresh_interpreter_and_through_tf_keras():
