@@ -62,6 +62,20 @@ def is_concrete(tensor) -> bool:
     return True
 
 
+def read(tensor) -> np.ndarray:
+    """A concrete tensor's values as a NumPy array.
+
+    Not `keras.ops.convert_to_numpy` on PyTorch: as of Keras 3.15 it calls
+    `np.array` on the tensor, which NumPy 2 makes warn on every call.
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if isinstance(tensor, torch.Tensor):
+            return tensor.detach().cpu().numpy()
+    return keras.ops.convert_to_numpy(tensor)
+
+
 def cond_no_nan(value, true_fn, false_fn):
     """`true_fn()` unless the small tensor `value` holds a NaN, else `false_fn()`.
 
@@ -70,7 +84,7 @@ def cond_no_nan(value, true_fn, false_fn):
     small tensor.
     """
     if is_concrete(value):
-        has_nan = np.isnan(keras.ops.convert_to_numpy(value)).any()
+        has_nan = np.isnan(read(value)).any()
         return false_fn() if has_nan else true_fn()
     return keras.ops.cond(keras.ops.any(keras.ops.isnan(value)), false_fn, true_fn)
 

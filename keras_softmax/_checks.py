@@ -143,7 +143,7 @@ def to_temperature(temperature, x, axis):
     t = ops.cast(ops.convert_to_tensor(temperature), x.dtype)
     _check_temperature_shape(t.shape, x.shape, axis)
     if _backend.is_concrete(t):
-        values = ops.convert_to_numpy(t)
+        values = _backend.read(t)
         if not np.all(np.isfinite(values) & (values > 0)):
             raise ValueError(
                 f"`temperature` must be positive and finite. "

@@ -1,5 +1,6 @@
 """The `StableSoftmax` layer: mask-aware, with a fixed or learnable temperature."""
 
+import inspect
 import math
 import sys
 import warnings
@@ -7,6 +8,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_softmax import _backend
 from keras_softmax import _checks
 from keras_softmax.softmax import stable_softmax
 
@@ -106,7 +108,7 @@ class StableSoftmax(keras.layers.Layer):
         """The temperature in use, as a Python float; settable at any time."""
         # The shortest decimal that the variable's dtype reads back as the
         # same value: 0.7, not 0.699999988079071.
-        return float(str(ops.convert_to_numpy(self.current_temperature())))
+        return float(str(_backend.read(self.current_temperature())))
 
     @temperature.setter
     def temperature(self, value):
@@ -203,7 +205,8 @@ def _mask_dropped_by_caller(layer) -> bool:
     gives the outer layer the mask (`previous_mask` in `Layer.__call__`) and
     the activation nothing. Best effort: False wherever Keras' frames differ.
     """
-    call_code = keras.layers.Layer.__call__.__code__
+    # Keras wraps `Layer.__call__` in its traceback filter.
+    call_code = inspect.unwrap(keras.layers.Layer.__call__).__code__
     frame = sys._getframe(2)
     for _ in range(40):
         if frame is None:

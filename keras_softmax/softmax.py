@@ -251,7 +251,14 @@ def _compiled(x, axis, keep, t, log):
         outputs = logits - ops.log(total) if log else exps / total
         return outputs, _backward(outputs, axis, log)
 
-    return _Result(_with_custom_gradient(forward, logits), _finite(logits))
+    # XLA's exp does not carry a NaN through (it clamps its argument), so
+    # the NaN of a NaN or +inf maximum, or of a temperature that turned out
+    # bad at run time, is added to the result rather than left to exp.
+    poison = 0.0 * ops.where(top == -math.inf, 0.0, top)
+    if t is not None:
+        poison = poison + 0.0 * t
+    outputs = _with_custom_gradient(forward, logits) + poison
+    return _Result(outputs, _finite(logits))
 
 
 def _with_custom_gradient(forward, *inputs):
@@ -330,8 +337,11 @@ def _exact(x, axis, keep, t, log):
     total = _sum(exps, axis)
     total = ops.where(total > 0, total, 1.0)
     outputs = shifted - ops.log(total) if log else exps / total
-    # NaN for the whole slice when it holds +inf (0 * inf) or any NaN.
+    # NaN for the whole slice when it holds +inf (0 * inf) or any NaN, and
+    # everywhere for a temperature that turned out bad at run time.
     poison = 0.0 * ops.relu(top)
+    if t is not None:
+        poison = poison + 0.0 * t
     if keep is not None:
         # A masked NaN; isnan, as some runtimes' max skips NaN.
         any_nan = ops.any(ops.isnan(x), axis=axis, keepdims=True)
