@@ -192,7 +192,8 @@ def _fused(x, axis, keep, t, log):
         # stays finite too.
         fill = _constant(-largest / 2, dtype)
         if t is not None:
-            fill = fill * ops.minimum(t, _constant(1.0, dtype))
+            # A constant as far as gradients go: masked positions carry none.
+            fill = fill * ops.minimum(ops.stop_gradient(t), _constant(1.0, dtype))
         lowest_top = fill + _UNDERFLOW[dtype] * (1.0 if t is None else t)
         z = ops.where(keep, x, fill)
         top = ops.max(ops.stop_gradient(z), axis=axis, keepdims=True)

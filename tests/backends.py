@@ -59,6 +59,9 @@ def compiled(fn):
         return jax.jit(fn)
     import torch
 
+    # The Jacobians of these tests run backward several times over one
+    # graph, which compiled backwards that donate their buffers refuse.
+    torch._functorch.config.donated_buffer = False
     return torch.compile(fn)
 
 

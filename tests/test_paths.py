@@ -1,0 +1,180 @@
+"""Which path runs where, and that every path is exact and differentiable.
+
+Where ops run one kernel at a time (TensorFlow eagerly and in a
+`tf.function` without XLA, PyTorch eagerly), ordinary logits take the
+backend's fused kernel and special slices the exact formula; where a
+compiler fuses the formula itself (XLA, `jax.jit`, `torch.compile`), the
+exact formula alone runs. One custom gradient serves every path.
+"""
+
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from backends import BACKEND
+from backends import compiled
+from backends import gradient
+from backends import traced
+from reference import to_numpy
+
+from keras_softmax import _backend
+from keras_softmax import softmax as core
+from keras_softmax import stable_log_softmax
+from keras_softmax import stable_softmax
+from keras_softmax._fresh_process import check_python
+
+
+def eager(fn):
+    return fn
+
+
+# The ways a user's call runs: as is, traced without compiling (TensorFlow),
+# and compiled.
+MODES = [eager, compiled] + ([traced] if BACKEND == "tensorflow" else [])
+# Those that run the fused kernel.
+FUSED_MODES = {"tensorflow": [eager, traced], "torch": [eager], "jax": []}[BACKEND]
+
+
+@pytest.mark.parametrize("mode", FUSED_MODES or [eager], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_ordinary_logits_take_the_fused_kernel_special_slices_the_formula(
+    monkeypatch, mode, log, masked
+):
+    if not FUSED_MODES:
+        # JAX compiles every call, eager ones op by op: the formula alone.
+        assert not _backend.takes_fused_path()
+        return
+    # The formula, marked: it answers 7 wherever it runs.
+    monkeypatch.setattr(core, "_exact", lambda x, *args: keras.ops.ones_like(x) * 7)
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(8, 33)) * 7).astype("float32")
+    mask = rng.random(x.shape) > 0.3 if masked else None
+    fn = mode(lambda v: (stable_log_softmax if log else stable_softmax)(v, mask=mask))
+    ordinary = to_numpy(fn(keras.ops.convert_to_tensor(x)))
+    assert not np.any(ordinary == 7)
+    if not masked:
+        native = keras.ops.log_softmax if log else keras.ops.softmax
+        np.testing.assert_array_equal(ordinary, to_numpy(native(x)))
+    special = x.copy()
+    special[0, 3] = np.nan
+    np.testing.assert_array_equal(to_numpy(fn(keras.ops.convert_to_tensor(special))), 7)
+
+
+def test_compilers_take_the_formula_alone():
+    seen = []
+
+    def probe(x):
+        seen.append(_backend.takes_fused_path())
+        return stable_softmax(x)
+
+    compiled(probe)(keras.ops.convert_to_tensor(np.zeros((2, 3), "float32")))
+    assert seen and not any(seen)
+
+
+def test_eager_calls_on_small_and_large_inputs_agree_bit_for_bit():
+    # Large inputs run eagerly as a cached graph (on TensorFlow), small
+    # ones op by op: the same kernels either way.
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(4, 1 << 15)) * 5).astype("float32")
+    mask = rng.random(x.shape) > 0.3
+    whole = to_numpy(stable_softmax(x, mask=mask, temperature=0.7))
+    rows = [
+        to_numpy(stable_softmax(x[i : i + 1], mask=mask[i : i + 1], temperature=0.7))
+        for i in range(4)
+    ]
+    np.testing.assert_array_equal(whole, np.concatenate(rows))
+
+
+def _numerical_gradient(fn, x, step=1e-6):
+    """Central differences of sum(fn(x) * w) for weights w = 1, 2, ...; finite only."""
+
+    def loss(v):
+        out = to_numpy(fn(v))
+        weights = np.arange(1, out.size + 1).reshape(out.shape)
+        return np.sum(np.where(np.isfinite(out), out * weights, 0.0))
+
+    grad = np.zeros_like(x)
+    for i in range(x.size):
+        delta = np.zeros_like(x)
+        delta.flat[i] = step
+        grad.flat[i] = (loss(x + delta) - loss(x - delta)) / (2 * step)
+    return grad
+
+
+GRADIENT_CASES = {
+    "plain": dict(),
+    "masked, T = 0.5": dict(
+        mask=np.array([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 0]], bool),
+        temperature=0.5,
+    ),
+    "joint axes": dict(axis=(0, 1), temperature=3.0),
+    "per-row T": dict(temperature=np.array([[0.5], [1.0], [2.0]])),
+}
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("case", GRADIENT_CASES, ids=str)
+def test_gradients_match_central_differences_on_every_path(mode, log, case):
+    x = np.random.default_rng(2).normal(size=(3, 4)) * 2
+    kwargs = GRADIENT_CASES[case]
+    fn = stable_log_softmax if log else stable_softmax
+    call = mode(lambda v: fn(v, **kwargs))
+    analytic = gradient(call, x)
+    assert np.all(np.isfinite(analytic))
+    np.testing.assert_allclose(
+        analytic, _numerical_gradient(call, x), atol=1e-7, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("log", [False, True])
+def test_temperature_gradient_is_finite_and_exact_beside_minus_inf_logits(mode, log):
+    x = np.array([[0.5, -np.inf, 2.0, 0.0], [1.0, 2.0, -1.0, 0.5]])
+    mask = np.array([[1, 1, 1, 1], [1, 0, 1, 1]], bool)
+    fn = stable_log_softmax if log else stable_softmax
+    t0 = np.array([[0.8], [1.7]])
+
+    loss_of_t = mode(lambda t: fn(x, mask=mask, temperature=t))
+    analytic = gradient(loss_of_t, t0)
+    assert np.all(np.isfinite(analytic))
+    np.testing.assert_allclose(
+        analytic, _numerical_gradient(loss_of_t, t0), atol=1e-7, rtol=1e-6
+    )
+
+
+def test_log_softmax_needs_at_most_one_output_of_extra_memory():
+    # Peak resident memory of one call on a 256 MB input, in a fresh process
+    # so that nothing else has raised the peak; the backend's own random
+    # generator makes the input without a NumPy copy beside it.
+    code = """
+        import resource, keras
+        import keras_softmax
+        from keras_softmax import stable_log_softmax
+        shape = (256, 262144)
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+            x = tf.random.normal(shape)
+            fn = tf.function(stable_log_softmax)
+        elif backend == "jax":
+            import jax
+            x = jax.random.normal(jax.random.key(0), shape)
+            fn = jax.jit(stable_log_softmax)
+        else:
+            import torch
+            x = torch.randn(shape)
+            fn = stable_log_softmax
+        small = keras.ops.zeros((2, 262144))
+        keras.ops.convert_to_numpy(fn(small))  # trace and warm up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = fn(x)
+        float(keras.ops.convert_to_numpy(out[0, 0]))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) * 1024 / (256 * 262144 * 4))
+    """
+    extra = float(check_python("-c", textwrap.dedent(code)).split()[-1])
+    # The output itself is one input's worth.
+    assert extra <= 1.1, extra
