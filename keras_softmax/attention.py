@@ -135,6 +135,9 @@ def attend(
             combine the values.
         flash_attention: Passed to `keras.ops.dot_product_attention`.
     """
+    # Keras' TensorFlow backend repeats grouped heads only when there are
+    # several (as of Keras 3.15), so a single key head is repeated here.
+    key, value = _repeat_heads(key, query), _repeat_heads(value, query)
     foldable = isinstance(temperature, float) and temperature >= 1.0
     if foldable and temperature != 1.0:
         # Dividing by a temperature of at least 1 cannot overflow, and
@@ -173,7 +176,7 @@ def attend(
         weights = stable_softmax(logits, axis=-1, mask=keep, temperature=temperature)
     weights = ops.cast(weights, value.dtype)
     combined = weights if dropout is None else dropout(weights)
-    outputs = ops.einsum("BNTS,BSNH->BTNH", combined, _repeat_heads(value, query))
+    outputs = ops.einsum("BNTS,BSNH->BTNH", combined, value)
     return outputs, weights
 
 
@@ -232,7 +235,7 @@ def _logits_dtype(query):
 
 def _scores(query, key, scale, bias, dtype):
     """`(query . key) * scale + bias` as `(B, N, T, S)`, in Keras' order."""
-    logits = ops.einsum("BTNH,BSNH->BNTS", query, _repeat_heads(key, query))
+    logits = ops.einsum("BTNH,BSNH->BNTS", query, key)
     logits = ops.cast(logits, dtype) * ops.cast(scale, dtype)
     return logits if bias is None else logits + ops.cast(bias, dtype)
 
