@@ -74,13 +74,14 @@ def dot_product_attention(
 
     Example:
 
+    >>> import keras
     >>> import numpy as np
     >>> import keras_softmax
     >>> q = np.ones((1, 2, 1, 4), "float32")
     >>> v = np.arange(8, dtype="float32").reshape(1, 2, 1, 4)
     >>> mask = np.array([[[[True, False], [False, False]]]])
     >>> out = keras_softmax.dot_product_attention(q, q, v, mask=mask)
-    >>> np.asarray(out)[0, :, 0].tolist()
+    >>> keras.ops.convert_to_numpy(out)[0, :, 0].tolist()
     [[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0]]
     """
     query, key, value = (_tensor(t) for t in (query, key, value))

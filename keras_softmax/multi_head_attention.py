@@ -60,6 +60,7 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
 
     Example:
 
+    >>> import keras
     >>> import numpy as np
     >>> import keras_softmax
     >>> layer = keras_softmax.StableMultiHeadAttention(num_heads=2, key_dim=4)
@@ -67,9 +68,9 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
     >>> mask = np.array([[[1, 1, 0], [1, 0, 0], [0, 0, 0]]], bool)
     >>> out, weights = layer(x, x, attention_mask=mask,
     ...                      return_attention_scores=True)
-    >>> np.asarray(weights)[0, 0].tolist()
+    >>> keras.ops.convert_to_numpy(weights)[0, 0].tolist()
     [[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
-    >>> float(np.abs(np.asarray(out)[0, 2]).max())
+    >>> float(abs(keras.ops.convert_to_numpy(out)[0, 2]).max())
     0.0
     """
 
