@@ -147,6 +147,28 @@ def test_keras_masks_from_embedding_reach_the_layer():
     np.testing.assert_allclose(first[0, :3], out[0, :3], rtol=1e-5, atol=1e-6)
 
 
+def test_a_masking_layer_mask_reaches_the_layer():
+    features = keras.Input((4, 8))
+    masked = keras.layers.Masking(0.0)(features)
+    layer = StableMultiHeadAttention(2, 4, name="mha")
+    model = keras.Model(features, layer(masked, masked))
+    x = _inputs(batch=2, length=4)
+    x[0, 2:] = 0.0  # two padded steps
+    x[1] = 0.0  # padding only
+    out = to_numpy(model(x))
+    bias = to_numpy(layer.output_dense.bias)
+    np.testing.assert_array_equal(out[0, 2:], np.broadcast_to(bias, (2, 8)))
+    np.testing.assert_array_equal(out[1], np.broadcast_to(bias, (4, 8)))
+    real = np.array([[True, True, False, False]])
+    pairs = real[:, :, None] & real[:, None, :]
+    np.testing.assert_allclose(
+        out[0, :2],
+        to_numpy(layer(x[:1], x[:1], attention_mask=pairs))[0, :2],
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
 def test_temperature_divides_the_scores_and_trains():
     x = _inputs()
     mask = np.random.default_rng(5).random((3, 5, 5)) < 0.6
