@@ -99,18 +99,50 @@ def dot_product_attention(
             f"`is_causal` must be True or False. Received: is_causal={is_causal!r}"
         )
     temperature = check_temperature(temperature)
+    mask, bias = (None if t is None else _tensor(t) for t in (mask, bias))
+    for name, tensor in (("mask", mask), ("bias", bias)):
+        if tensor is not None and len(tensor.shape) > 4:
+            raise ValueError(
+                f"`{name}` must be broadcastable to (B, N, T, S). "
+                f"Received: {name}.shape={tuple(tensor.shape)}"
+            )
+    tensors = (query, key, value, bias, mask)
+    if any(isinstance(t, keras.KerasTensor) for t in tensors):
+        # In a functional model: shapes may be unknown until called.
+        return _Attention(scale, is_causal, temperature)(*tensors)
+    return _attention(*tensors, scale, is_causal, temperature)
+
+
+def _attention(query, key, value, bias, mask, scale, is_causal, temperature):
     keep = None
     if mask is not None:
-        keep = _rank4(_tensor(mask), "mask")
+        keep = _rank4(mask)
         if keras.backend.standardize_dtype(keep.dtype) != "bool":
             keep = ops.greater(keep, 0.5)
     if is_causal:
-        causal = _causal_mask(query.shape[1] or ops.shape(query)[1], key)
+        causal = _causal_mask(ops.shape(query)[1], ops.shape(key)[1])
         keep = causal if keep is None else ops.logical_and(keep, causal)
     if bias is not None:
-        bias = _rank4(_tensor(bias), "bias")
+        bias = _rank4(bias)
     outputs, _ = attend(query, key, value, bias, keep, scale, temperature)
     return outputs
+
+
+class _Attention(keras.Operation):
+    """`dot_product_attention` as a node of a functional model."""
+
+    def __init__(self, scale, is_causal, temperature):
+        super().__init__()
+        self.scale, self.is_causal, self.temperature = scale, is_causal, temperature
+
+    def call(self, query, key, value, bias=None, mask=None):
+        return _attention(
+            query, key, value, bias, mask, self.scale, self.is_causal, self.temperature
+        )
+
+    def compute_output_spec(self, query, key, value, bias=None, mask=None):
+        shape = tuple(query.shape[:-1]) + (value.shape[-1],)
+        return keras.KerasTensor(shape, dtype=query.dtype)
 
 
 def attend(
@@ -211,20 +243,15 @@ def _tensor(x):
     return x if isinstance(x, keras.KerasTensor) else ops.convert_to_tensor(x)
 
 
-def _rank4(x, name):
+def _rank4(x):
     """Gives a mask or bias the leading axes it broadcasts over."""
-    if len(x.shape) > 4:
-        raise ValueError(
-            f"`{name}` must be broadcastable to (B, N, T, S). "
-            f"Received: {name}.shape={tuple(x.shape)}"
-        )
     return ops.reshape(x, (1,) * (4 - len(x.shape)) + tuple(ops.shape(x)))
 
 
-def _causal_mask(query_length, key):
+def _causal_mask(query_length, key_length):
     """`(1, 1, T, S)`, True where key position <= query position."""
     rows = ops.arange(query_length)[:, None]
-    cols = ops.arange(ops.shape(key)[1])[None, :]
+    cols = ops.arange(key_length)[None, :]
     return ops.greater_equal(rows, cols)[None, None]
 
 

@@ -224,6 +224,27 @@ def test_compiled_and_traced_give_the_eager_result():
         )
 
 
+def test_works_in_a_functional_model_with_unknown_lengths():
+    q = keras.Input((None, 2, 4))
+    k = keras.Input((None, 2, 4))
+    allowed = keras.Input((None, None), dtype="bool")
+    outputs = dot_product_attention(
+        q, k, k, mask=keras.ops.expand_dims(allowed, 1), is_causal=True
+    )
+    model = keras.Model([q, k, allowed], outputs)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 3, 2, 4)).astype("float32")
+    y = rng.normal(size=(2, 5, 2, 4)).astype("float32")
+    mask = rng.random((2, 3, 5)) < 0.7
+    mask[0, 1] = False
+    actual = to_numpy(model([x, y, mask]))
+    expected = to_numpy(
+        dot_product_attention(x, y, y, mask=mask[:, None], is_causal=True)
+    )
+    np.testing.assert_array_equal(actual, expected)
+    np.testing.assert_array_equal(actual[0, 1], 0.0)
+
+
 def test_tensor_temperature_gives_the_float_result():
     rng = np.random.default_rng(4)
     q, k, v = (rng.normal(size=(1, 3, 2, 4)).astype("float32") for _ in range(3))
