@@ -31,6 +31,13 @@ from keras import ops
 from keras_softmax.softmax import stable_softmax
 
 _HALF_DTYPES = ("float16", "bfloat16")
+# The lowest finite number of each dtype (NumPy has no bfloat16).
+_LOWEST = {
+    "float16": -65504.0,
+    "bfloat16": -3.3895313892515355e38,
+    "float32": float(np.finfo(np.float32).min),
+    "float64": float(np.finfo(np.float64).min),
+}
 
 
 def dot_product_attention(
@@ -180,15 +187,21 @@ def attend(
         temperature = 1.0
     dtype = _logits_dtype(query)
     live = None if keep is None else ops.any(keep, axis=-1, keepdims=True)
+    fused = not return_weights and dropout is None
     if foldable:
         additive = bias
         if keep is not None:
             # Rows with nothing kept are opened: their scores stay finite.
             opened = ops.logical_or(keep, ops.logical_not(live))
-            fill = ops.convert_to_tensor(np.finfo(dtype).min, dtype)
-            kept = ops.zeros((), dtype) if bias is None else ops.cast(bias, dtype)
-            additive = ops.where(opened, kept, fill)
-        if not return_weights and dropout is None:
+            # The fused kernel takes the bias in the inputs' dtype: a half
+            # precision fill must be finite there too.
+            fill_dtype = (
+                keras.backend.standardize_dtype(query.dtype) if fused else dtype
+            )
+            fill = ops.convert_to_tensor(_LOWEST[fill_dtype], fill_dtype)
+            kept = ops.zeros((), fill_dtype) if bias is None else bias
+            additive = ops.where(opened, ops.cast(kept, fill_dtype), fill)
+        if fused:
             outputs = ops.dot_product_attention(
                 query,
                 key,

@@ -219,6 +219,27 @@ def test_dropout_drops_weights_in_training_only_and_keeps_dead_queries_at_bias()
     np.testing.assert_array_equal(inference[0, 1], bias)
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_keeps_fully_masked_queries_at_the_bias(policy):
+    layer = StableMultiHeadAttention(2, 4, dtype=policy)
+    x = _inputs()
+    mask = np.ones((3, 5, 5), bool)
+    mask[0, 1] = False
+    mask[1, :, 3:] = False
+    plain = to_numpy(layer(x, x, attention_mask=mask)).astype(np.float32)
+    with_scores, weights = layer(x, x, attention_mask=mask, **_scores())
+    with_scores = to_numpy(with_scores).astype(np.float32)
+    bias = to_numpy(layer.output_dense.bias).astype(np.float32)
+    assert np.all(np.isfinite(plain))
+    for out in (plain, with_scores):
+        np.testing.assert_array_equal(out[0, 1], bias)
+    np.testing.assert_array_equal(to_numpy(weights)[1, :, :, 3:], 0)
+    # The two paths round differently in half precision, by a few of its ulps.
+    half_eps = 2.0**-10 if policy == "mixed_float16" else 2.0**-7
+    scale = np.abs(plain).max()
+    np.testing.assert_allclose(with_scores, plain, atol=8 * half_eps * scale)
+
+
 def test_attention_over_two_axes_zeroes_fully_masked_queries():
     layer = StableMultiHeadAttention(2, 4, attention_axes=(1, 2))
     x = _inputs().reshape(1, 3, 5, 8)
