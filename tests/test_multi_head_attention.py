@@ -303,15 +303,15 @@ def test_keras_layer_test_harness():
         )
 
 
-def _masked_model(seed=0, temperature=2.0):
+def _masked_model(seed=0, temperature=2.0, trainable_temperature=False):
     """A model on our layer, with a padded batch that has a fully masked query."""
     keras.utils.set_random_seed(seed)
     tokens = keras.Input((6,), dtype="int32", name="tokens")
     allowed = keras.Input((6, 6), dtype="bool", name="allowed")
     x = keras.layers.Embedding(20, 8, mask_zero=True)(tokens)
-    x = StableMultiHeadAttention(2, 4, temperature=temperature)(
-        x, x, attention_mask=allowed
-    )
+    x = StableMultiHeadAttention(
+        2, 4, temperature=temperature, trainable_temperature=trainable_temperature
+    )(x, x, attention_mask=allowed)
     model = keras.Model([tokens, allowed], keras.layers.Dense(3)(x))
     ids = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 8, 9]], "int32")
     mask = np.ones((2, 6, 6), bool)
@@ -320,15 +320,19 @@ def _masked_model(seed=0, temperature=2.0):
 
 
 def test_keras_file_loads_in_a_fresh_process_with_safe_mode(tmp_path):
-    model, inputs = _masked_model()
+    model, inputs = _masked_model(trainable_temperature=True)
+    layer = [lay for lay in model.layers if isinstance(lay, StableMultiHeadAttention)]
+    # A learned temperature other than the initial one must come back.
+    layer[0].weights[-1].assign(np.log(0.3))
     expected = to_numpy(model.predict(list(inputs.values()), verbose=0))
     path = serving.save(model, tmp_path, "attention", formats=("keras",))["keras"]
     np.testing.assert_allclose(
         serving.predict_keras_fresh(path, inputs), expected, rtol=1e-6, atol=1e-6
     )
     loaded = keras.saving.load_model(path, safe_mode=True)
-    layer = [lay for lay in loaded.layers if isinstance(lay, StableMultiHeadAttention)]
-    assert layer and layer[0].temperature == 2.0
+    again = [lay for lay in loaded.layers if isinstance(lay, StableMultiHeadAttention)]
+    assert again[0].temperature == 2.0 and again[0].trainable_temperature
+    np.testing.assert_allclose(float(to_numpy(again[0].current_temperature())), 0.3)
 
 
 @exports
