@@ -45,6 +45,7 @@ NOTEBOOKS = [
     "02_masking_and_temperature",
     "03_train_export_serve",
     "04_calibration",
+    "05_attention",
 ]
 MAX_SECONDS = 120
 REL_TOL, ABS_TOL = 0.0, 0.0

@@ -1,0 +1,300 @@
+"""Dot-product attention that never attends to padding.
+
+A query whose keys are all masked gets an output of exactly 0 (and weights
+of 0), where `keras.ops.dot_product_attention` averages the masked values.
+
+The work goes to the backend's fused attention whenever its answer is exact:
+with the temperature at 1 or above (folded into `scale`) and no weights to
+return. Two changes make it exact for every query:
+
+* Masking is additive, with the lowest finite float rather than Keras' fill
+  of -0.7 times the largest: a masked score then stays at least 3.4e38
+  below the kept maximum for any score spread under that, so exp gives it
+  exactly 0. A finite fill survives the converters: tf2onnx rewrites a
+  `where` as `c * a + (1 - c) * b`, where a -inf fill would give NaN.
+* A query with nothing kept is unmasked, so the kernel sees ordinary finite
+  scores (finite gradients), and its output row is then multiplied by 0.
+  A multiplication, not a `where`, so that exported graphs keep the zeros.
+
+A temperature below 1, or held in a tensor, could overflow the scores once
+folded into `scale`; those calls take the explicit path, through
+`stable_softmax`, which shifts by the maximum before it divides.
+"""
+
+import math
+import numbers
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_softmax.softmax import stable_softmax
+
+_HALF_DTYPES = ("float16", "bfloat16")
+# The lowest finite number of each dtype (NumPy has no bfloat16).
+_LOWEST = {
+    "float16": -65504.0,
+    "bfloat16": -3.3895313892515355e38,
+    "float32": float(np.finfo(np.float32).min),
+    "float64": float(np.finfo(np.float64).min),
+}
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    temperature=1.0,
+):
+    """Scaled dot-product attention in which a fully masked query gives 0.
+
+    Computes `softmax((query . key) * scale + bias) . value` with the
+    arguments, layout and meaning of `keras.ops.dot_product_attention`, and
+    the same results wherever every query keeps at least one key. A query
+    with no key kept (its mask row all `False`, or every key padding) gets
+    an output row of exactly 0, with a gradient of 0, on every backend.
+    Gradients stay finite for any finite scores.
+
+    Args:
+        query: Queries of shape `(B, T, N, H)`: batch, query length, heads,
+            head size.
+        key: Keys of shape `(B, S, K, H)`. `N` must be a multiple of `K`
+            (grouped-query attention when `K < N`).
+        value: Values of the same shape as `key`, bar the last axis.
+        bias: Optional finite bias added to the scores, broadcastable to
+            `(B, N, T, S)`.
+        mask: Optional bool tensor broadcastable to `(B, N, T, S)`, `True`
+            where a query attends to a key. A numeric mask keeps the
+            positions where it is `> 0.5`.
+        scale: Positive number that multiplies the scores. Defaults to
+            `1 / sqrt(H)`.
+        is_causal: If `True`, query `t` attends to keys `s <= t` only.
+        temperature: Positive finite number, or scalar tensor, that divides
+            the scaled and biased scores before the softmax.
+
+    Returns:
+        The attention output, of shape `(B, T, N, value.shape[-1])`.
+
+    Example:
+
+    >>> import keras
+    >>> import numpy as np
+    >>> import keras_softmax
+    >>> q = np.ones((1, 2, 1, 4), "float32")
+    >>> v = np.arange(8, dtype="float32").reshape(1, 2, 1, 4)
+    >>> mask = np.array([[[[True, False], [False, False]]]])
+    >>> out = keras_softmax.dot_product_attention(q, q, v, mask=mask)
+    >>> keras.ops.convert_to_numpy(out)[0, :, 0].tolist()
+    [[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0]]
+    """
+    query, key, value = (_tensor(t) for t in (query, key, value))
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if len(tensor.shape) != 4:
+            raise ValueError(
+                f"`{name}` must have rank 4, (batch, length, heads, size). "
+                f"Received: {name}.shape={tuple(tensor.shape)}"
+            )
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    scale = _check_scale(scale)
+    if not isinstance(is_causal, bool):
+        raise ValueError(
+            f"`is_causal` must be True or False. Received: is_causal={is_causal!r}"
+        )
+    temperature = check_temperature(temperature)
+    mask, bias = (None if t is None else _tensor(t) for t in (mask, bias))
+    for name, tensor in (("mask", mask), ("bias", bias)):
+        if tensor is not None and len(tensor.shape) > 4:
+            raise ValueError(
+                f"`{name}` must be broadcastable to (B, N, T, S). "
+                f"Received: {name}.shape={tuple(tensor.shape)}"
+            )
+    tensors = (query, key, value, bias, mask)
+    if any(isinstance(t, keras.KerasTensor) for t in tensors):
+        # In a functional model: shapes may be unknown until called.
+        return _Attention(scale, is_causal, temperature)(*tensors)
+    return _attention(*tensors, scale, is_causal, temperature)
+
+
+def _attention(query, key, value, bias, mask, scale, is_causal, temperature):
+    keep = None
+    if mask is not None:
+        keep = _rank4(mask)
+        if keras.backend.standardize_dtype(keep.dtype) != "bool":
+            keep = ops.greater(keep, 0.5)
+    if is_causal:
+        causal = _causal_mask(ops.shape(query)[1], ops.shape(key)[1])
+        keep = causal if keep is None else ops.logical_and(keep, causal)
+    if bias is not None:
+        bias = _rank4(bias)
+    outputs, _ = attend(query, key, value, bias, keep, scale, temperature)
+    return outputs
+
+
+class _Attention(keras.Operation):
+    """`dot_product_attention` as a node of a functional model."""
+
+    def __init__(self, scale, is_causal, temperature):
+        super().__init__()
+        self.scale, self.is_causal, self.temperature = scale, is_causal, temperature
+
+    def call(self, query, key, value, bias=None, mask=None):
+        return _attention(
+            query, key, value, bias, mask, self.scale, self.is_causal, self.temperature
+        )
+
+    def compute_output_spec(self, query, key, value, bias=None, mask=None):
+        shape = tuple(query.shape[:-1]) + (value.shape[-1],)
+        return keras.KerasTensor(shape, dtype=query.dtype)
+
+
+def attend(
+    query,
+    key,
+    value,
+    bias,
+    keep,
+    scale,
+    temperature,
+    return_weights=False,
+    dropout=None,
+    flash_attention=None,
+):
+    """`(outputs, weights)` of checked, rank-4 inputs; `weights` may be None.
+
+    Args:
+        keep: Bool mask broadcastable to `(B, N, T, S)`, or None.
+        scale: A Python float.
+        temperature: A checked Python float or scalar tensor.
+        return_weights: Whether the weights are needed (the explicit path).
+        dropout: Optional function applied to the weights before they
+            combine the values.
+        flash_attention: Passed to `keras.ops.dot_product_attention`.
+    """
+    # Keras' TensorFlow backend repeats grouped heads only when there are
+    # several (as of Keras 3.15), so a single key head is repeated here.
+    key, value = _repeat_heads(key, query), _repeat_heads(value, query)
+    foldable = isinstance(temperature, float) and temperature >= 1.0
+    if foldable and temperature != 1.0:
+        # Dividing by a temperature of at least 1 cannot overflow, and
+        # folding it into the scale rounds the scores once, as Keras does.
+        scale = scale / temperature
+        bias = None if bias is None else bias / temperature
+        temperature = 1.0
+    dtype = _logits_dtype(query)
+    live = None if keep is None else ops.any(keep, axis=-1, keepdims=True)
+    fused = not return_weights and dropout is None
+    if foldable:
+        additive = bias
+        if keep is not None:
+            # Rows with nothing kept are opened: their scores stay finite.
+            opened = ops.logical_or(keep, ops.logical_not(live))
+            # The fused kernel takes the bias in the inputs' dtype: a half
+            # precision fill must be finite there too.
+            fill_dtype = (
+                keras.backend.standardize_dtype(query.dtype) if fused else dtype
+            )
+            fill = ops.convert_to_tensor(_LOWEST[fill_dtype], fill_dtype)
+            kept = ops.zeros((), fill_dtype) if bias is None else bias
+            additive = ops.where(opened, ops.cast(kept, fill_dtype), fill)
+        if fused:
+            outputs = ops.dot_product_attention(
+                query,
+                key,
+                value,
+                bias=additive,
+                scale=scale,
+                flash_attention=flash_attention,
+            )
+            if live is not None:
+                outputs = outputs * _per_query(live, outputs.dtype)
+            return outputs, None
+        logits = _scores(query, key, scale, additive, dtype)
+        weights = ops.softmax(logits, axis=-1)
+        if live is not None:
+            weights = weights * ops.cast(live, dtype)
+    else:
+        logits = _scores(query, key, scale, bias, dtype)
+        weights = stable_softmax(logits, axis=-1, mask=keep, temperature=temperature)
+    weights = ops.cast(weights, value.dtype)
+    combined = weights if dropout is None else dropout(weights)
+    outputs = ops.einsum("BNTS,BSNH->BTNH", combined, value)
+    return outputs, weights
+
+
+def check_temperature(temperature):
+    """A positive finite Python float, or a scalar tensor as it is."""
+    if isinstance(temperature, np.ndarray) and temperature.ndim == 0:
+        temperature = temperature.item()
+    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
+        value = float(temperature)
+        if math.isfinite(value) and value > 0 and np.float32(value) > 0:
+            return value
+    elif hasattr(temperature, "shape") and hasattr(temperature, "dtype"):
+        if len(temperature.shape) == 0:
+            return temperature
+    raise ValueError(
+        "`temperature` must be a positive finite number or a scalar tensor. "
+        f"Received: temperature={temperature!r}"
+    )
+
+
+def _check_scale(scale):
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        if math.isfinite(float(scale)) and float(scale) > 0:
+            return float(scale)
+    raise ValueError(
+        f"`scale` must be a positive finite number. Received: scale={scale!r}"
+    )
+
+
+def _tensor(x):
+    return x if isinstance(x, keras.KerasTensor) else ops.convert_to_tensor(x)
+
+
+def _rank4(x):
+    """Gives a mask or bias the leading axes it broadcasts over."""
+    return ops.reshape(x, (1,) * (4 - len(x.shape)) + tuple(ops.shape(x)))
+
+
+def _causal_mask(query_length, key_length):
+    """`(1, 1, T, S)`, True where key position <= query position."""
+    rows = ops.arange(query_length)[:, None]
+    cols = ops.arange(key_length)[None, :]
+    return ops.greater_equal(rows, cols)[None, None]
+
+
+def _logits_dtype(query):
+    dtype = keras.backend.standardize_dtype(query.dtype)
+    # As in Keras: half-precision scores are summed and softmaxed in float32.
+    return "float32" if dtype in _HALF_DTYPES else dtype
+
+
+def _scores(query, key, scale, bias, dtype):
+    """`(query . key) * scale + bias` as `(B, N, T, S)`, in Keras' order."""
+    logits = ops.einsum("BTNH,BSNH->BNTS", query, key)
+    logits = ops.cast(logits, dtype) * ops.cast(scale, dtype)
+    return logits if bias is None else logits + ops.cast(bias, dtype)
+
+
+def _repeat_heads(tensor, query):
+    """Repeats grouped key or value heads to the query's number of heads."""
+    heads, groups = query.shape[2], tensor.shape[2]
+    if heads is None or groups is None or heads == groups:
+        return tensor
+    if heads % groups:
+        raise ValueError(
+            "The query's number of heads must be a multiple of the key's. "
+            f"Received: query.shape={tuple(query.shape)}, "
+            f"key.shape={tuple(tensor.shape)}"
+        )
+    return ops.repeat(tensor, heads // groups, axis=2)
+
+
+def _per_query(live, dtype):
+    """`(B, N, T, 1)` bools as a `(B, T, N, 1)` factor of 0s and 1s."""
+    return ops.transpose(ops.cast(live, dtype), (0, 2, 1, 3))

@@ -1,0 +1,201 @@
+"""`StableMultiHeadAttention`: Keras' layer, with fully masked queries at 0."""
+
+import functools
+
+import keras
+from keras import ops
+
+from keras_softmax import attention
+from keras_softmax.layer import StableSoftmax
+
+
+@keras.saving.register_keras_serializable(package="keras_softmax")
+class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
+    """`keras.layers.MultiHeadAttention` that never attends to padding.
+
+    A query that may attend to no key (its `attention_mask` row is all
+    `False`, or every key is padding, or the query itself is padding) gets
+    attention weights of 0 and an attention output of 0, so the layer
+    outputs the output projection's bias (0 without bias) there. Keras'
+    layer does so only with `return_attention_scores=True`; on its default
+    path it returns the average of the values. Everywhere else the outputs
+    are Keras', with the same weights in the same order, so `set_weights`
+    with a Keras layer's weights gives the same results.
+
+    The fused attention of `keras.ops.dot_product_attention` does the work
+    when no weights are returned, there is no dropout and the temperature
+    is a number of at least 1; otherwise an explicit softmax does, with the
+    same results.
+
+    Args:
+        num_heads: Number of attention heads.
+        key_dim: Size of each attention head for query and key.
+        value_dim: Size of each attention head for value.
+        dropout: Dropout rate of the attention weights.
+        temperature: Positive finite number dividing the scaled scores.
+            With `trainable_temperature=True` it is the initial value.
+        trainable_temperature: If `True`, the temperature is a weight that
+            `fit` learns, stored as its logarithm after Keras' weights.
+        **kwargs: The other arguments of `keras.layers.MultiHeadAttention`
+            (`use_bias`, `output_shape`, `attention_axes`, initializers,
+            ...) and base layer arguments.
+
+    Call arguments:
+        query: Query tensor of shape `(B, T, dim)`.
+        value: Value tensor of shape `(B, S, dim)`.
+        key: Optional key tensor of shape `(B, S, dim)`; defaults to `value`.
+        query_mask, value_mask, key_mask: Optional bool masks of shape
+            `(B, T)` or `(B, S)`. Keras masks (from `Embedding(mask_zero=
+            True)` or `Masking`) reach them by themselves.
+        attention_mask: Optional bool mask of shape `(B, T, S)`, `True`
+            where a query attends to a key.
+        return_attention_scores: If `True`, also return the attention
+            weights, of shape `(B, num_heads, T, S)`.
+        training: Whether dropout is active.
+        use_causal_mask: If `True`, query `t` attends to keys `s <= t`.
+
+    Returns:
+        The attention output of shape `(B, T, E)`, and with
+        `return_attention_scores=True` the attention weights too.
+
+    Example:
+
+    >>> import keras
+    >>> import numpy as np
+    >>> import keras_softmax
+    >>> layer = keras_softmax.StableMultiHeadAttention(num_heads=2, key_dim=4)
+    >>> x = np.ones((1, 3, 8), "float32")
+    >>> mask = np.array([[[1, 1, 0], [1, 0, 0], [0, 0, 0]]], bool)
+    >>> out, weights = layer(x, x, attention_mask=mask,
+    ...                      return_attention_scores=True)
+    >>> keras.ops.convert_to_numpy(weights)[0, 0].tolist()
+    [[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    >>> float(abs(keras.ops.convert_to_numpy(out)[0, 2]).max())
+    0.0
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        key_dim: int,
+        value_dim: int | None = None,
+        dropout: float = 0.0,
+        temperature: float = 1.0,
+        trainable_temperature: bool = False,
+        **kwargs,
+    ):
+        temperature, trainable_temperature = _checked(
+            temperature, trainable_temperature
+        )
+        super().__init__(num_heads, key_dim, value_dim, dropout, **kwargs)
+        self.temperature = temperature
+        self.trainable_temperature = trainable_temperature
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        # Built after Keras' sublayers, so a learned temperature's weight
+        # comes after Keras' weights, which keep their order.
+        self._stable_softmax = StableSoftmax(
+            axis=self._softmax.axis,
+            temperature=self.temperature,
+            trainable_temperature=self.trainable_temperature,
+            dtype=self.dtype_policy,
+            name="stable_softmax",
+        )
+        self._stable_softmax.build(None)
+
+    def current_temperature(self):
+        """The temperature in use: the learned one when it is trainable."""
+        return self._stable_softmax.current_temperature()
+
+    def _masked_softmax(self, attention_scores, attention_mask=None):
+        # Keras' explicit path, taken for attention over several axes.
+        if attention_mask is not None:
+            expansion_axis = -len(self._attention_axes) * 2 - 1
+            for _ in range(len(attention_scores.shape) - len(attention_mask.shape)):
+                attention_mask = ops.expand_dims(attention_mask, expansion_axis)
+        return self._stable_softmax(attention_scores, mask=attention_mask)
+
+    def _compute_attention(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        training=None,
+        return_attention_scores=False,
+        use_causal_mask=False,
+    ):
+        if len(query.shape) != 4:
+            return super()._compute_attention(
+                query,
+                key,
+                value,
+                attention_mask,
+                training,
+                return_attention_scores,
+                use_causal_mask,
+            )
+        if self._flash_attention and return_attention_scores:
+            raise ValueError(
+                "Returning attention scores is not supported when flash "
+                "attention is enabled. Received: return_attention_scores=True "
+                f"with flash_attention={self._flash_attention}"
+            )
+        keep = None
+        if attention_mask is not None:
+            keep = ops.cast(attention_mask, "bool")
+            while len(keep.shape) < 4:
+                keep = ops.expand_dims(keep, -3)
+        if use_causal_mask:
+            causal = self._compute_causal_mask(query, value)[:, None]
+            keep = causal if keep is None else ops.logical_and(keep, causal)
+        dropout = None
+        if self._dropout > 0.0:
+            dropout = functools.partial(self._dropout_layer, training=training)
+        return attention.attend(
+            query,
+            key,
+            value,
+            None,
+            keep,
+            self._inverse_sqrt_key_dim,
+            attention.check_temperature(self.current_temperature()),
+            return_weights=return_attention_scores,
+            dropout=dropout,
+            flash_attention=self._flash_attention,
+        )
+
+    @classmethod
+    def from_config(cls, config):
+        # Keras would wrap the constructor's ValueError in a TypeError.
+        _checked(
+            config.get("temperature", 1.0),
+            config.get("trainable_temperature", False),
+        )
+        return super().from_config(config)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "temperature": self.temperature,
+                "trainable_temperature": self.trainable_temperature,
+            }
+        )
+        return config
+
+
+def _checked(temperature, trainable_temperature):
+    if not isinstance(trainable_temperature, bool):
+        raise ValueError(
+            "`trainable_temperature` must be True or False. "
+            f"Received: trainable_temperature={trainable_temperature!r}"
+        )
+    temperature = attention.check_temperature(temperature)
+    if not isinstance(temperature, float):
+        raise ValueError(
+            "`temperature` must be a positive finite number. "
+            f"Received: temperature={temperature!r}"
+        )
+    return temperature, trainable_temperature

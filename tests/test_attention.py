@@ -1,0 +1,298 @@
+"""`dot_product_attention`: Keras' attention, with fully masked queries at 0."""
+
+import keras
+import numpy as np
+import pytest
+from attention_reference import attention as reference_attention
+from attention_reference import live_queries
+from attention_reference import output_tolerance
+from backends import BACKEND
+from backends import compiled
+from backends import gradient
+from backends import jacobian
+from backends import traced
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from reference import to_numpy
+
+from keras_softmax import dot_product_attention
+
+
+@st.composite
+def attention_inputs(draw):
+    b, t, s = draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    kv_heads = draw(st.integers(1, 2))
+    heads = kv_heads * draw(st.sampled_from([1, 2]))
+    size = draw(st.integers(1, 6))
+    values = st.floats(-10, 10, width=32)
+    q = draw(hnp.arrays(np.float32, (b, t, heads, size), elements=values))
+    k = draw(hnp.arrays(np.float32, (b, s, kv_heads, size), elements=values))
+    v = draw(hnp.arrays(np.float32, (b, s, kv_heads, size), elements=values))
+    mask = None
+    if draw(st.booleans()):
+        # Full, per-batch, per-key (padding) or shared across the batch.
+        shape = draw(
+            st.sampled_from([(b, heads, t, s), (b, 1, t, s), (b, 1, 1, s), (t, s)])
+        )
+        mask = draw(hnp.arrays(np.bool_, shape))
+    bias = None
+    if draw(st.booleans()):
+        bias = draw(
+            hnp.arrays(np.float32, (b, 1, t, s), elements=st.floats(-5, 5, width=32))
+        )
+    return {
+        "query": q,
+        "key": k,
+        "value": v,
+        "bias": bias,
+        "mask": mask,
+        "scale": draw(st.sampled_from([None, 0.3, 2.0])),
+        "is_causal": draw(st.booleans()),
+        "temperature": draw(st.sampled_from([1.0, 2.5, 0.5])),
+    }
+
+
+def _full_mask(case):
+    """The case's mask with leading axes, as NumPy broadcasts it."""
+    mask = case["mask"]
+    return None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+
+@given(attention_inputs())
+def test_matches_float64_reference_and_fully_masked_queries_are_exactly_zero(case):
+    actual = to_numpy(dot_product_attention(**case))
+    expected, _ = reference_attention(**{**case, "mask": _full_mask(case)})
+    q = case["query"]
+    live = live_queries(
+        _full_mask(case), case["is_causal"], q.shape[:3] + (case["key"].shape[1],)
+    )
+    np.testing.assert_array_equal(actual[~live], 0.0)
+    allowed = output_tolerance(
+        q, case["key"], case["value"], case["bias"], case["scale"], case["temperature"]
+    )
+    error = np.abs(actual.astype(np.float64) - expected)
+    assert np.all(error <= allowed), f"error {error.max():.3g} > allowed"
+
+
+@given(attention_inputs())
+def test_same_as_keras_wherever_every_query_keeps_a_key(case):
+    temperature = case.pop("temperature")
+    mask = _full_mask(case)
+    if mask is not None:
+        # Every query keeps its first key (and causal attention keeps it too).
+        mask = mask.copy()
+        mask[..., 0] = True
+    case["mask"] = mask
+    actual = to_numpy(dot_product_attention(**case, temperature=temperature))
+    if temperature == 1.0:
+        keras_case = case
+    else:
+        # Keras has no temperature: the same thing is a scale and a bias.
+        scale = case["scale"] or 1.0 / np.sqrt(case["query"].shape[-1])
+        bias = case["bias"]
+        keras_case = {
+            **case,
+            "scale": scale / temperature,
+            "bias": None if bias is None else bias / np.float32(temperature),
+        }
+    if BACKEND == "torch" and case["bias"] is not None and mask is not None:
+        # Keras' PyTorch backend takes one of the two, so give it one.
+        keep = mask & np.ones(keras_case["bias"].shape, bool)
+        keras_case = {
+            **keras_case,
+            "bias": np.where(keep, keras_case["bias"], np.float32(-3e38)),
+            "mask": None,
+        }
+    # Keras' TensorFlow backend fails on a single key head (Keras 3.15).
+    groups = case["query"].shape[2] // case["key"].shape[2]
+    for name in ("key", "value"):
+        keras_case = {**keras_case, name: np.repeat(case[name], groups, axis=2)}
+    expected = to_numpy(keras.ops.dot_product_attention(**keras_case))
+    allowed = output_tolerance(
+        case["query"],
+        case["key"],
+        case["value"],
+        case["bias"],
+        case["scale"],
+        temperature,
+    )
+    assert np.all(np.abs(actual - expected) <= allowed)
+
+
+def test_keras_averages_padding_where_ours_gives_zero():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(1, 3, 2, 4)).astype("float32") for _ in range(3))
+    padding = np.array([True, True, False])  # the third query and key are padding
+    mask = (padding[:, None] & padding[None, :])[None, None]
+    ours = to_numpy(dot_product_attention(q, k, v, mask=mask))
+    theirs = to_numpy(keras.ops.dot_product_attention(q, k, v, mask=mask))
+    np.testing.assert_array_equal(ours[0, 2], 0.0)
+    # Keras' fused path gives the padded query the mean of the values.
+    np.testing.assert_allclose(theirs[0, 2], v[0].mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(ours[0, :2], theirs[0, :2], rtol=1e-6, atol=1e-6)
+
+
+def test_huge_scores_give_the_reference_and_finite_gradients():
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(2, 4, 2, 3)).astype("float32") * np.float32(1e18)
+    k = rng.normal(size=(2, 5, 2, 3)).astype("float32") * np.float32(1e18)
+    v = rng.normal(size=(2, 5, 2, 3)).astype("float32")
+    mask = rng.random((2, 1, 4, 5)) < 0.6
+    mask[0, 0, 1] = False
+    for temperature in (1.0, 3.0, 0.25):
+        actual = to_numpy(
+            dot_product_attention(q, k, v, mask=mask, temperature=temperature)
+        )
+        expected, _ = reference_attention(q, k, v, mask=mask, temperature=temperature)
+        # Scores of about 1e36, apart by far more than their rounding: each
+        # live query takes its best key's value, exactly.
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(actual[0, 1], 0.0)
+        for wrt in range(3):
+            inputs = [q, k, v]
+
+            def loss(x, wrt=wrt, inputs=inputs, temperature=temperature):
+                args = list(inputs)
+                args[wrt] = keras.ops.cast(x, "float32")
+                return dot_product_attention(*args, mask=mask, temperature=temperature)
+
+            grad = gradient(loss, inputs[wrt])
+            assert np.all(np.isfinite(grad)), (wrt, temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_gradient_matches_central_differences_and_is_zero_for_dead_queries(
+    temperature,
+):
+    rng = np.random.default_rng(2)
+    shapes = [(1, 3, 2, 2), (1, 4, 2, 2), (1, 4, 2, 2)]
+    sizes = [int(np.prod(s)) for s in shapes]
+    x0 = rng.normal(size=sum(sizes))
+    mask = np.array([[[[1, 1, 0, 0], [0, 0, 0, 0], [0, 1, 1, 1]]]], bool)
+    bias = rng.normal(size=(1, 1, 3, 4))
+
+    def split(x, reshape=keras.ops.reshape):
+        parts, start = [], 0
+        for shape, size in zip(shapes, sizes, strict=True):
+            parts.append(reshape(x[start : start + size], shape))
+            start += size
+        return parts
+
+    def ours(x):
+        q, k, v = split(x)
+        return dot_product_attention(
+            q, k, v, bias=bias, mask=mask, temperature=temperature
+        )
+
+    def reference(x):
+        q, k, v = split(x, np.reshape)
+        return reference_attention(
+            q, k, v, bias=bias, mask=mask, temperature=temperature
+        )[0].ravel()
+
+    actual = jacobian(ours, x0)
+    step = 1e-6
+    expected = np.stack(
+        [
+            (reference(x0 + step * e) - reference(x0 - step * e)) / (2 * step)
+            for e in np.eye(x0.size)
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-7)
+    # The second query keeps no key: its outputs depend on nothing.
+    dead = np.zeros((1, 3, 2, 2), bool)
+    dead[0, 1] = True
+    np.testing.assert_array_equal(actual[dead.ravel()], 0.0)
+
+
+def test_compiled_and_traced_give_the_eager_result():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.normal(size=(2, 4, 2, 3)).astype("float32") for _ in range(3))
+    mask = rng.random((2, 1, 4, 4)) < 0.5
+    mask[1, 0, 2] = False
+
+    def fn(q, k, v, mask):
+        return dot_product_attention(q, k, v, mask=mask, is_causal=True)
+
+    eager = to_numpy(fn(q, k, v, mask))
+    assert np.all(eager[1, 2] == 0.0)
+    for wrapped in (traced(fn), compiled(fn)):
+        np.testing.assert_allclose(
+            to_numpy(wrapped(q, k, v, mask)), eager, rtol=1e-6, atol=1e-6
+        )
+
+
+def test_works_in_a_functional_model_with_unknown_lengths():
+    q = keras.Input((None, 2, 4))
+    k = keras.Input((None, 2, 4))
+    allowed = keras.Input((None, None), dtype="bool")
+    outputs = dot_product_attention(
+        q, k, k, mask=keras.ops.expand_dims(allowed, 1), is_causal=True
+    )
+    model = keras.Model([q, k, allowed], outputs)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 3, 2, 4)).astype("float32")
+    y = rng.normal(size=(2, 5, 2, 4)).astype("float32")
+    mask = rng.random((2, 3, 5)) < 0.7
+    mask[0, 1] = False
+    actual = to_numpy(model([x, y, mask]))
+    expected = to_numpy(
+        dot_product_attention(x, y, y, mask=mask[:, None], is_causal=True)
+    )
+    np.testing.assert_array_equal(actual, expected)
+    np.testing.assert_array_equal(actual[0, 1], 0.0)
+
+
+def test_tensor_temperature_gives_the_float_result():
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.normal(size=(1, 3, 2, 4)).astype("float32") for _ in range(3))
+    mask = np.array([[True, False, True], [False, False, False], [True] * 3])
+    for value in (0.5, 2.0):
+        from_float = to_numpy(
+            dot_product_attention(q, k, v, mask=mask, temperature=value)
+        )
+        from_tensor = to_numpy(
+            dot_product_attention(
+                q, k, v, mask=mask, temperature=keras.ops.convert_to_tensor(value)
+            )
+        )
+        np.testing.assert_allclose(from_tensor, from_float, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(from_tensor[0, 1], 0.0)
+
+
+def test_numeric_mask_keeps_where_above_one_half():
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.normal(size=(1, 2, 1, 4)).astype("float32") for _ in range(3))
+    numeric = np.array([[0.9, 0.2], [0.0, 0.4]], np.float32)
+    np.testing.assert_array_equal(
+        to_numpy(dot_product_attention(q, k, v, mask=numeric)),
+        to_numpy(dot_product_attention(q, k, v, mask=numeric > 0.5)),
+    )
+
+
+_q = np.zeros((1, 2, 1, 4), "float32")
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"query": np.zeros((2, 1, 4), "float32")}, "query"),
+        ({"key": np.zeros((1, 2, 4), "float32")}, "key"),
+        ({"scale": -1.0}, "scale"),
+        ({"scale": float("nan")}, "scale"),
+        ({"scale": "big"}, "scale"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": np.ones(2)}, "temperature"),
+        ({"is_causal": "yes"}, "is_causal"),
+        ({"mask": np.ones((1, 1, 1, 2, 2), bool)}, "mask"),
+        ({"bias": np.ones((1, 1, 1, 2, 2), "float32")}, "bias"),
+    ],
+)
+def test_bad_argument_raises_value_error_naming_it(kwargs, argument):
+    arguments = {"query": _q, "key": _q, "value": _q, **kwargs}
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        dot_product_attention(**arguments)

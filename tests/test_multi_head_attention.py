@@ -1,0 +1,364 @@
+"""`StableMultiHeadAttention`: Keras' layer, without attention to padding."""
+
+import keras
+import numpy as np
+import pytest
+from attention_reference import attention as reference_attention
+from reference import to_numpy
+
+import keras_softmax
+from keras_softmax import StableMultiHeadAttention
+from keras_softmax import serving
+
+ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
+exports = pytest.mark.skipif(
+    not ON_TENSORFLOW, reason="Keras exports these from the TensorFlow backend"
+)
+
+
+def _pair(seed=0, temperature=1.0, **kwargs):
+    """Our layer and Keras', built on the same inputs, with the same weights."""
+    kwargs = {"num_heads": 2, "key_dim": 4, "seed": seed, **kwargs}
+    ours = StableMultiHeadAttention(temperature=temperature, **kwargs)
+    theirs = keras.layers.MultiHeadAttention(**kwargs)
+    x = np.zeros((1, 3, 8), "float32")
+    ours(x, x)
+    theirs(x, x)
+    rng = np.random.default_rng(seed)
+    weights = [rng.normal(size=w.shape).astype("float32") for w in theirs.weights]
+    theirs.set_weights(weights)
+    ours.set_weights(weights)
+    return ours, theirs
+
+
+def _inputs(seed=1, batch=3, length=5, width=8):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(batch, length, width)).astype("float32")
+
+
+def _projected_reference(layer, query, value, mask):
+    """The layer's output in float64 NumPy, from its own weights."""
+    w = [np.asarray(to_numpy(v), np.float64) for v in layer.weights]
+    (qk, qb, kk, kb, vk, vb, ok, ob) = w
+    q = np.einsum("btd,dnh->btnh", query, qk) + qb
+    k = np.einsum("bsd,dnh->bsnh", value, kk) + kb
+    v = np.einsum("bsd,dnh->bsnh", value, vk) + vb
+    out, weights = reference_attention(
+        q,
+        k,
+        v,
+        mask=mask[:, None],
+        temperature=float(to_numpy(layer.current_temperature())),
+    )
+    return np.einsum("btnh,nhd->btd", out, ok) + ob, weights
+
+
+def test_weights_are_keras_weights_in_keras_order():
+    ours, theirs = _pair()
+    assert [w.path.split("/", 1)[1] for w in ours.weights] == [
+        w.path.split("/", 1)[1] for w in theirs.weights
+    ]
+    learned = StableMultiHeadAttention(2, 4, trainable_temperature=True)
+    x = _inputs()
+    learned(x, x)
+    names = [w.path.split("/", 1)[1] for w in learned.weights]
+    assert names[:-1] == [w.path.split("/", 1)[1] for w in theirs.weights]
+    assert names[-1].endswith("log_temperature")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_same_outputs_as_keras_wherever_every_query_keeps_a_key(causal):
+    ours, theirs = _pair()
+    x, y = _inputs(1), _inputs(2)
+    mask = np.random.default_rng(3).random((3, 5, 5)) < 0.5
+    mask[..., 0] = True
+    for kwargs in ({}, {"attention_mask": mask}):
+        kwargs = {**kwargs, "use_causal_mask": causal}
+        np.testing.assert_allclose(
+            to_numpy(ours(x, y, **kwargs)),
+            to_numpy(theirs(x, y, **kwargs)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_fully_masked_query_outputs_the_output_bias_where_keras_averages():
+    ours, theirs = _pair()
+    x = _inputs()
+    mask = np.ones((3, 5, 5), bool)
+    mask[0, 2] = False  # one query attends to nothing
+    mask[1, :, 3:] = False  # keys 3 and 4 are padding
+    bias = to_numpy(ours.output_dense.bias)
+    out, weights = (to_numpy(t) for t in ours(x, x, attention_mask=mask, **_scores()))
+    np.testing.assert_array_equal(out[0, 2], bias)
+    np.testing.assert_array_equal(weights[0, :, 2], 0.0)
+    np.testing.assert_array_equal(weights[1, :, :, 3:], 0.0)
+    np.testing.assert_array_equal(to_numpy(ours(x, x, attention_mask=mask))[0, 2], bias)
+    # Keras' default path gives the padded query the average of the values.
+    keras_out = to_numpy(theirs(x, x, attention_mask=mask))
+    assert np.abs(keras_out[0, 2] - bias).max() > 0.1
+    expected, expected_weights = _projected_reference(ours, x, x, mask)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(weights, expected_weights, rtol=1e-5, atol=1e-6)
+
+
+def _scores():
+    return {"return_attention_scores": True}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0, 0.5])
+def test_same_outputs_with_and_without_the_attention_scores(temperature):
+    ours, _ = _pair(temperature=temperature)
+    x = _inputs()
+    mask = np.random.default_rng(4).random((3, 5, 5)) < 0.5
+    mask[2, 1] = False
+    plain = to_numpy(ours(x, x, attention_mask=mask))
+    with_scores, _ = ours(x, x, attention_mask=mask, **_scores())
+    with_scores = to_numpy(with_scores)
+    if keras.backend.backend() == "torch" and temperature >= 1.0:
+        # PyTorch's fused kernel rounds differently from the explicit path.
+        np.testing.assert_allclose(plain, with_scores, rtol=1e-6, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(plain, with_scores)
+
+
+def test_keras_masks_from_embedding_reach_the_layer():
+    tokens = keras.Input((6,), dtype="int32")
+    embedded = keras.layers.Embedding(10, 8, mask_zero=True)(tokens)
+    attended = StableMultiHeadAttention(2, 4, name="mha")(embedded, embedded)
+    model = keras.Model(tokens, attended)
+    ids = np.array([[3, 4, 5, 0, 0, 0], [0, 0, 0, 0, 0, 0]], "int32")
+    out = to_numpy(model(ids))
+    layer = model.get_layer("mha")
+    bias = to_numpy(layer.output_dense.bias)
+    # Padded queries, and every query of an all-padding sequence, get the bias.
+    np.testing.assert_array_equal(out[0, 3:], np.broadcast_to(bias, (3, 8)))
+    np.testing.assert_array_equal(out[1], np.broadcast_to(bias, (6, 8)))
+    # Changing what sits in the padding changes nothing else.
+    embedding = to_numpy(model.layers[1].embeddings)
+    other = ids.copy()
+    other[0, 3:] = [7, 8, 9]
+    x = embedding[ids]
+    x_other = embedding[other]
+    mask = np.array([[1, 1, 1, 0, 0, 0]], bool)
+    first = to_numpy(layer(x[:1], x[:1], query_mask=mask, value_mask=mask))
+    second = to_numpy(layer(x_other[:1], x_other[:1], query_mask=mask, value_mask=mask))
+    np.testing.assert_allclose(first[0, :3], second[0, :3], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(first[0, :3], out[0, :3], rtol=1e-5, atol=1e-6)
+
+
+def test_a_masking_layer_mask_reaches_the_layer():
+    features = keras.Input((4, 8))
+    masked = keras.layers.Masking(0.0)(features)
+    layer = StableMultiHeadAttention(2, 4, name="mha")
+    model = keras.Model(features, layer(masked, masked))
+    x = _inputs(batch=2, length=4)
+    x[0, 2:] = 0.0  # two padded steps
+    x[1] = 0.0  # padding only
+    out = to_numpy(model(x))
+    bias = to_numpy(layer.output_dense.bias)
+    np.testing.assert_array_equal(out[0, 2:], np.broadcast_to(bias, (2, 8)))
+    np.testing.assert_array_equal(out[1], np.broadcast_to(bias, (4, 8)))
+    real = np.array([[True, True, False, False]])
+    pairs = real[:, :, None] & real[:, None, :]
+    np.testing.assert_allclose(
+        out[0, :2],
+        to_numpy(layer(x[:1], x[:1], attention_mask=pairs))[0, :2],
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_temperature_divides_the_scores_and_trains():
+    x = _inputs()
+    mask = np.random.default_rng(5).random((3, 5, 5)) < 0.6
+    mask[1, 4] = False
+    for temperature in (0.5, 2.0):
+        layer, _ = _pair(temperature=temperature)
+        out = to_numpy(layer(x, x, attention_mask=mask))
+        expected, _ = _projected_reference(layer, x, x, mask)
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    learned = StableMultiHeadAttention(
+        2, 4, temperature=2.0, trainable_temperature=True
+    )
+    learned(x, x)
+    np.testing.assert_allclose(
+        float(to_numpy(learned.current_temperature())), 2.0, rtol=1e-6
+    )
+
+
+def test_learned_temperature_moves_in_fit():
+    x = _inputs(batch=16)
+    inputs = keras.Input((5, 8))
+    layer = StableMultiHeadAttention(2, 4, trainable_temperature=True)
+    model = keras.Model(inputs, layer(inputs, inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    target = np.roll(x, 1, axis=1)
+    history = model.fit(x, target, epochs=3, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert float(to_numpy(layer.current_temperature())) != 1.0
+
+
+def test_dropout_drops_weights_in_training_only_and_keeps_dead_queries_at_bias():
+    ours, _ = _pair(dropout=0.5)
+    plain, _ = _pair(dropout=0.0)
+    x = _inputs()
+    mask = np.ones((3, 5, 5), bool)
+    mask[0, 1] = False
+    bias = to_numpy(ours.output_dense.bias)
+    inference = to_numpy(ours(x, x, attention_mask=mask, training=False))
+    np.testing.assert_allclose(
+        inference,
+        to_numpy(plain(x, x, attention_mask=mask)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    trained = to_numpy(ours(x, x, attention_mask=mask, training=True))
+    assert np.abs(trained - inference).max() > 1e-3
+    np.testing.assert_array_equal(trained[0, 1], bias)
+    np.testing.assert_array_equal(inference[0, 1], bias)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_keeps_fully_masked_queries_at_the_bias(policy):
+    layer = StableMultiHeadAttention(2, 4, dtype=policy)
+    x = _inputs()
+    mask = np.ones((3, 5, 5), bool)
+    mask[0, 1] = False
+    mask[1, :, 3:] = False
+    plain = to_numpy(layer(x, x, attention_mask=mask)).astype(np.float32)
+    with_scores, weights = layer(x, x, attention_mask=mask, **_scores())
+    with_scores = to_numpy(with_scores).astype(np.float32)
+    bias = to_numpy(layer.output_dense.bias).astype(np.float32)
+    assert np.all(np.isfinite(plain))
+    for out in (plain, with_scores):
+        np.testing.assert_array_equal(out[0, 1], bias)
+    np.testing.assert_array_equal(to_numpy(weights)[1, :, :, 3:], 0)
+    # The two paths round differently in half precision, by a few of its ulps.
+    half_eps = 2.0**-10 if policy == "mixed_float16" else 2.0**-7
+    scale = np.abs(plain).max()
+    np.testing.assert_allclose(with_scores, plain, atol=8 * half_eps * scale)
+
+
+def test_attention_over_two_axes_zeroes_fully_masked_queries():
+    layer = StableMultiHeadAttention(2, 4, attention_axes=(1, 2))
+    x = _inputs().reshape(1, 3, 5, 8)
+    mask = np.ones((1, 3, 5, 3, 5), bool)
+    mask[0, 1, 2] = False
+    out, weights = layer(x, x, attention_mask=mask, **_scores())
+    np.testing.assert_array_equal(to_numpy(weights)[0, :, 1, 2], 0.0)
+    np.testing.assert_array_equal(
+        to_numpy(out)[0, 1, 2], to_numpy(layer.output_dense.bias)
+    )
+
+
+def test_config_round_trip_keeps_temperature():
+    layer = StableMultiHeadAttention(
+        3, 5, temperature=0.7, trainable_temperature=True, dropout=0.1
+    )
+    config = layer.get_config()
+    assert config["temperature"] == 0.7 and config["trainable_temperature"] is True
+    again = StableMultiHeadAttention.from_config(config)
+    assert again.get_config() == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -2.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": "warm"}, "temperature"),
+        ({"trainable_temperature": "yes"}, "trainable_temperature"),
+    ],
+)
+def test_bad_argument_raises_value_error_naming_it(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        StableMultiHeadAttention(2, 4, **kwargs)
+    config = StableMultiHeadAttention(2, 4).get_config()
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        StableMultiHeadAttention.from_config({**config, **kwargs})
+
+
+def test_keras_layer_test_harness():
+    from keras.src import testing
+
+    case = testing.TestCase()
+    for kwargs, weights, seeds in (
+        ({"num_heads": 2, "key_dim": 2}, 8, 0),
+        ({"num_heads": 2, "key_dim": 2, "dropout": 0.5, "use_bias": False}, 4, 1),
+        ({"num_heads": 2, "key_dim": 2, "trainable_temperature": True}, 9, 0),
+    ):
+        case.run_layer_test(
+            StableMultiHeadAttention,
+            init_kwargs=kwargs,
+            input_shape={"query_shape": (2, 8, 16), "value_shape": (2, 4, 16)},
+            expected_output_shape=(2, 8, 16),
+            expected_num_trainable_weights=weights,
+            expected_num_non_trainable_weights=0,
+            expected_num_seed_generators=seeds,
+            expected_num_losses=0,
+            supports_masking=True,
+            run_training_check=False,
+        )
+
+
+def _masked_model(seed=0, temperature=2.0, trainable_temperature=False):
+    """A model on our layer, with a padded batch that has a fully masked query."""
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((6,), dtype="int32", name="tokens")
+    allowed = keras.Input((6, 6), dtype="bool", name="allowed")
+    x = keras.layers.Embedding(20, 8, mask_zero=True)(tokens)
+    x = StableMultiHeadAttention(
+        2, 4, temperature=temperature, trainable_temperature=trainable_temperature
+    )(x, x, attention_mask=allowed)
+    model = keras.Model([tokens, allowed], keras.layers.Dense(3)(x))
+    ids = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 8, 9]], "int32")
+    mask = np.ones((2, 6, 6), bool)
+    mask[1, 2] = False
+    return model, {"tokens": ids, "allowed": mask}
+
+
+def test_keras_file_loads_in_a_fresh_process_with_safe_mode(tmp_path):
+    model, inputs = _masked_model(trainable_temperature=True)
+    layer = [lay for lay in model.layers if isinstance(lay, StableMultiHeadAttention)]
+    # A learned temperature other than the initial one must come back.
+    layer[0].weights[-1].assign(np.log(0.3))
+    expected = to_numpy(model.predict(list(inputs.values()), verbose=0))
+    path = serving.save(model, tmp_path, "attention", formats=("keras",))["keras"]
+    np.testing.assert_allclose(
+        serving.predict_keras_fresh(path, inputs), expected, rtol=1e-6, atol=1e-6
+    )
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    again = [lay for lay in loaded.layers if isinstance(lay, StableMultiHeadAttention)]
+    assert again[0].temperature == 2.0 and again[0].trainable_temperature
+    np.testing.assert_allclose(float(to_numpy(again[0].current_temperature())), 0.3)
+
+
+@exports
+@pytest.mark.parametrize("fmt", ["saved_model", "onnx", "litert"])
+@pytest.mark.parametrize("temperature", [2.0, 0.5])  # the fused path, the explicit
+def test_exports_serve_the_keras_result_fully_masked_rows_included(
+    tmp_path, fmt, temperature
+):
+    model, inputs = _masked_model(temperature=temperature)
+    expected = to_numpy(model.predict(list(inputs.values()), verbose=0))
+    path = serving.save(model, tmp_path, "attention", formats=(fmt,))[fmt]
+    predict = {
+        "saved_model": serving.predict_saved_model_fresh,
+        "onnx": serving.predict_onnx,
+        "litert": serving.predict_litert,
+    }[fmt]
+    actual = predict(path, inputs)
+    assert np.all(np.isfinite(actual))
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    # Padded queries and the fully masked one give the final layer's output
+    # for an attention output of 0: the same vector for all of them.
+    dead = np.stack([actual[0, 3], actual[0, 4], actual[0, 5], actual[1, 2]])
+    np.testing.assert_allclose(dead, np.broadcast_to(dead[0], dead.shape), atol=1e-6)
+
+
+def test_package_exports_the_layer_and_function():
+    assert keras_softmax.StableMultiHeadAttention is StableMultiHeadAttention
+    assert "dot_product_attention" in keras_softmax.__all__
+    assert "StableMultiHeadAttention" in keras_softmax.__all__
