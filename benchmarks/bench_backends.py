@@ -1,82 +1,77 @@
-"""Times stable_softmax against each backend's native softmax.
+"""Times stable_softmax against JAX's and PyTorch's own softmax.
 
-For JAX and PyTorch, side by side in one process per backend, alternating
-the two contenders in every repeat, medians of the repeats:
+The paths Keras users run there: JAX always compiles (`jax.jit`); Keras on
+PyTorch runs eagerly, and `torch.compile` compiles. Each case runs its
+contenders side by side in one process per backend, in alternation, and
+reports the medians and their ratio (see benchmarks/_timing.py):
 
-- JAX: `jax.nn.softmax(x)`, and `jax.nn.softmax(x / 0.7, where=mask)`, both
-  under `jax.jit` (JAX compiles; an eager JAX call is a compiled call too);
+- JAX: `jax.nn.softmax(x)`, and `jax.nn.softmax(x / 0.7, where=mask)`;
 - PyTorch: `torch.softmax(x, -1)`, and `torch.softmax` after
-  `masked_fill(~mask, -inf)`, eagerly and under `torch.compile`.
+  `(x / 0.7).masked_fill(~mask, -inf)`, eagerly and under `torch.compile`,
+  plus a loop of small eager calls.
 
-(TensorFlow has its own benchmark, benchmarks/bench_softmax.py.) Run from
-the repository root:
+(TensorFlow: benchmarks/bench_softmax.py.) Run from the repository root:
 
-    python benchmarks/bench_backends.py            # both backends
-    python benchmarks/bench_backends.py --backend jax --repeats 5
+    python benchmarks/bench_backends.py                 # both backends
+    python benchmarks/bench_backends.py --backend jax --rounds 5
 """
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 
-SHAPE = (2048, 8192)
+from _timing import TABLE_HEADER
+from _timing import interleaved_medians
+from _timing import ratio_row
 
-
-def _median_ms(fn, sync, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+SHAPES = [(2048, 8192), (8, 128, 50000), (64, 128)]
+MASKED_SHAPE = (2048, 8192)
 
 
-def _compare(ours, native, sync, repeats, warmup=3):
-    for _ in range(warmup):
-        sync(ours())
-        sync(native())
-    ours_t, native_t = [], []
-    for _ in range(repeats):
-        ours_t.append(_median_ms(ours, sync, 1))
-        native_t.append(_median_ms(native, sync, 1))
-    a, b = statistics.median(ours_t), statistics.median(native_t)
-    return a, b, a / b
+def _data(shape, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(scale=5.0, size=shape).astype("float32")
+    mask = rng.random(shape) >= 0.3
+    mask[..., 0] = True
+    return x, mask
 
 
-def _cases_jax(x_np, mask_np):
+def _ours(x):
+    import keras_softmax
+
+    return keras_softmax.stable_softmax(x)
+
+
+def _ours_masked(x, m):
+    import keras_softmax
+
+    return keras_softmax.stable_softmax(x, mask=m, temperature=0.7)
+
+
+def jax_cases():
     import jax
     import jax.numpy as jnp
 
-    import keras_softmax
-
-    x, mask = jnp.asarray(x_np), jnp.asarray(mask_np)
-    ours = jax.jit(lambda x: keras_softmax.stable_softmax(x))
+    ours, ours_masked = jax.jit(_ours), jax.jit(_ours_masked)
     native = jax.jit(lambda x: jax.nn.softmax(x, axis=-1))
-    ours_m = jax.jit(
-        lambda x, m: keras_softmax.stable_softmax(x, mask=m, temperature=0.7)
+    native_masked = jax.jit(lambda x, m: jax.nn.softmax(x / 0.7, axis=-1, where=m))
+    cases = []
+    for shape in SHAPES:
+        x = jnp.asarray(_data(shape)[0])
+        cases.append((f"jax.jit, plain, {list(shape)}", ours, native, (x,), 1.05))
+    x, mask = map(jnp.asarray, _data(MASKED_SHAPE))
+    cases.append(
+        ("jax.jit, masked, T = 0.7", ours_masked, native_masked, (x, mask), 1.0)
     )
-    native_m = jax.jit(lambda x, m: jax.nn.softmax(x / 0.7, axis=-1, where=m))
-    sync = jax.block_until_ready
-    return sync, [
-        ("jax.jit, no mask, T=1", lambda: ours(x), "jax.nn.softmax", lambda: native(x)),
-        (
-            "jax.jit, 30% masked, T=0.7",
-            lambda: ours_m(x, mask),
-            "jax.nn.softmax(x / 0.7, where=mask)",
-            lambda: native_m(x, mask),
-        ),
-    ]
+    names = ("jax.nn.softmax", "jax.nn.softmax(x / 0.7, where=mask)")
+    return jax.block_until_ready, cases, names
 
 
-def _cases_torch(x_np, mask_np):
+def torch_cases():
     import torch
-
-    import keras_softmax
-
-    x, mask = torch.from_numpy(x_np), torch.from_numpy(mask_np)
 
     def native(x):
         return torch.softmax(x, dim=-1)
@@ -84,78 +79,101 @@ def _cases_torch(x_np, mask_np):
     def native_masked(x, m):
         return torch.softmax((x / 0.7).masked_fill(~m, float("-inf")), dim=-1)
 
-    def ours(x):
-        return keras_softmax.stable_softmax(x)
-
-    def ours_masked(x, m):
-        return keras_softmax.stable_softmax(x, mask=m, temperature=0.7)
-
-    cases = [
-        ("eager, no mask, T=1", lambda: ours(x), "torch.softmax", lambda: native(x)),
-        (
-            "eager, 30% masked, T=0.7",
-            lambda: ours_masked(x, mask),
-            "torch.softmax after masked_fill",
-            lambda: native_masked(x, mask),
-        ),
-    ]
+    cases = []
+    for shape in SHAPES:
+        x = torch.from_numpy(_data(shape)[0])
+        cases.append((f"eager, plain, {list(shape)}", _ours, native, (x,), 1.1))
+    x, mask = map(torch.from_numpy, _data(MASKED_SHAPE))
+    cases.append(
+        ("eager, masked, T = 0.7", _ours_masked, native_masked, (x, mask), 1.0)
+    )
     try:
-        c_ours, c_native = torch.compile(ours), torch.compile(native)
-        c_ours_m, c_native_m = torch.compile(ours_masked), torch.compile(native_masked)
-        c_ours(x), c_native(x), c_ours_m(x, mask), c_native_m(x, mask)
+        compiled = [
+            torch.compile(f) for f in (_ours, native, _ours_masked, native_masked)
+        ]
+        compiled[0](x), compiled[1](x), compiled[2](x, mask), compiled[3](x, mask)
     except Exception as error:  # torch.compile needs a working C++ toolchain
         print(f"torch.compile unavailable: {type(error).__name__}: {error}"[:300])
     else:
         cases += [
+            ("torch.compile, plain", compiled[0], compiled[1], (x,), 1.1),
             (
-                "torch.compile, no mask, T=1",
-                lambda: c_ours(x),
-                "torch.softmax, compiled",
-                lambda: c_native(x),
-            ),
-            (
-                "torch.compile, 30% masked, T=0.7",
-                lambda: c_ours_m(x, mask),
-                "masked_fill + torch.softmax, compiled",
-                lambda: c_native_m(x, mask),
+                "torch.compile, masked, T = 0.7",
+                compiled[2],
+                compiled[3],
+                (x, mask),
+                1.1,
             ),
         ]
-    return (lambda out: out), cases
+    names = ("torch.softmax", "masked_fill + torch.softmax")
+    return (lambda out: out), cases, names
 
 
-def run_backend(backend, repeats):
-    import numpy as np
+def small_calls_case(rounds, calls=100):
+    """A sampling loop on PyTorch: 100 eager calls on [1, 32000]."""
+    import torch
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(scale=5.0, size=SHAPE).astype("float32")
-    mask = rng.random(SHAPE) >= 0.3
-    mask[:, 0] = True
-    sync, cases = (_cases_jax if backend == "jax" else _cases_torch)(x, mask)
-    for name, ours, base_name, base in cases:
-        ours_ms, base_ms, ratio = _compare(ours, base, sync, repeats)
-        print(
-            f"| {backend} | {name} | {ours_ms:.1f} | {base_name} | {base_ms:.1f} | "
-            f"{ratio:.2f} |",
-            flush=True,
+    x = torch.from_numpy(_data((1, 32000))[0])
+
+    def loop(fn):
+        def run():
+            for _ in range(calls):
+                out = fn(x)
+            return out
+
+        return run
+
+    times = interleaved_medians(
+        {"ours": loop(_ours), "native": loop(lambda v: torch.softmax(v, dim=-1))},
+        sync=lambda out: out,
+        rounds=rounds,
+    )
+    return ratio_row(
+        f"{calls} eager calls on [1, 32000] (time per call)",
+        times["ours"] / calls,
+        "torch.softmax",
+        times["native"] / calls,
+        4,
+    )
+
+
+def run_backend(backend, rounds):
+    sync, cases, (plain_name, masked_name) = (
+        jax_cases() if backend == "jax" else torch_cases()
+    )
+    for name, ours, native, data, target in cases:
+        times = interleaved_medians(
+            {
+                "ours": lambda ours=ours, data=data: ours(*data),
+                "native": lambda native=native, data=data: native(*data),
+            },
+            sync=sync,
+            rounds=rounds,
         )
+        base_name = masked_name if "masked" in name else plain_name
+        row = ratio_row(name, times["ours"], base_name, times["native"], target)
+        print(row.replace("| ", f"| {backend}: ", 1), flush=True)
+    if backend == "torch":
+        print(small_calls_case(rounds).replace("| ", "| torch: ", 1), flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["jax", "torch"])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--backend", choices=["jax", "torch"], help="one backend only")
+    parser.add_argument(
+        "--rounds", type=int, default=11, help="rounds per case (default 11)"
+    )
     args = parser.parse_args(argv)
     if args.backend:
-        run_backend(args.backend, args.repeats)
+        run_backend(args.backend, args.rounds)
         return
-    print(f"float32 {list(SHAPE)}, median of {args.repeats} alternating repeats")
+    print(f"float32, median of {args.rounds} interleaved rounds")
     print()
-    print("| backend | case | stable_softmax (ms) | native | native (ms) | ratio |")
-    print("|---|---|---:|---|---:|---:|")
+    print(TABLE_HEADER)
     for backend in ("jax", "torch"):
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
         command = [sys.executable, __file__, "--backend", backend]
-        command += ["--repeats", str(args.repeats)]
+        command += ["--rounds", str(args.rounds)]
         subprocess.run(command, env=env, check=True)
 
 

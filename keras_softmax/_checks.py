@@ -16,7 +16,7 @@ from keras import ops
 
 from keras_softmax import _backend
 
-_HALF_DTYPES = ("float16", "bfloat16")
+HALF_DTYPES = ("float16", "bfloat16")
 _FULL_DTYPES = ("float32", "float64")
 
 
@@ -38,13 +38,13 @@ def to_compute_dtype(x) -> Logits:
     dtype = output_dtype(x.dtype)
     if keras.backend.standardize_dtype(x.dtype) == dtype in _FULL_DTYPES:
         return Logits(x, dtype)
-    return Logits(ops.cast(x, "float32" if dtype in _HALF_DTYPES else dtype), dtype)
+    return Logits(ops.cast(x, "float32" if dtype in HALF_DTYPES else dtype), dtype)
 
 
 def output_dtype(input_dtype) -> str:
     """The dtype the softmax returns for logits of `input_dtype`."""
     dtype = keras.backend.standardize_dtype(input_dtype)
-    if dtype in _FULL_DTYPES or dtype in _HALF_DTYPES:
+    if dtype in _FULL_DTYPES or dtype in HALF_DTYPES:
         return dtype
     if dtype == "bool" or "int" in dtype:
         return keras.config.floatx()
@@ -131,6 +131,8 @@ def to_temperature(temperature, x, axis):
     """
     if type(temperature) is float and temperature == 1.0:
         return temperature  # the default: no check to pay for on every call
+    if isinstance(temperature, (list, tuple)):
+        temperature = np.asarray(temperature)
     if is_number(temperature):
         return check_temperature_value(
             temperature, keras.backend.standardize_dtype(x.dtype)

@@ -28,9 +28,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_softmax import _checks
 from keras_softmax.softmax import stable_softmax
 
-_HALF_DTYPES = ("float16", "bfloat16")
 # The lowest finite number of each dtype (NumPy has no bfloat16).
 _LOWEST = {
     "float16": -65504.0,
@@ -228,15 +228,10 @@ def attend(
 
 def check_temperature(temperature):
     """A positive finite Python float, or a scalar tensor as it is."""
-    if isinstance(temperature, np.ndarray) and temperature.ndim == 0:
-        temperature = temperature.item()
-    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
-        value = float(temperature)
-        if math.isfinite(value) and value > 0 and np.float32(value) > 0:
-            return value
-    elif hasattr(temperature, "shape") and hasattr(temperature, "dtype"):
-        if len(temperature.shape) == 0:
-            return temperature
+    if _checks.is_number(temperature):
+        return _checks.check_temperature_value(temperature)
+    if hasattr(temperature, "shape") and len(temperature.shape) == 0:
+        return temperature
     raise ValueError(
         "`temperature` must be a positive finite number or a scalar tensor. "
         f"Received: temperature={temperature!r}"
@@ -271,7 +266,7 @@ def _causal_mask(query_length, key_length):
 def _logits_dtype(query):
     dtype = keras.backend.standardize_dtype(query.dtype)
     # As in Keras: half-precision scores are summed and softmaxed in float32.
-    return "float32" if dtype in _HALF_DTYPES else dtype
+    return "float32" if dtype in _checks.HALF_DTYPES else dtype
 
 
 def _scores(query, key, scale, bias, dtype):

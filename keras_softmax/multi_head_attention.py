@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_softmax import attention
 from keras_softmax.layer import StableSoftmax
+from keras_softmax.softmax import stable_softmax
 
 
 @keras.saving.register_keras_serializable(package="keras_softmax")
@@ -88,24 +89,52 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             temperature, trainable_temperature
         )
         super().__init__(num_heads, key_dim, value_dim, dropout, **kwargs)
-        self.temperature = temperature
+        # A fixed temperature is a Python number, not a variable: the layer
+        # then has exactly Keras' weights.
+        self._fixed_temperature = temperature
         self.trainable_temperature = trainable_temperature
+        self._stable_softmax = None
 
     def build(self, query_shape, value_shape, key_shape=None):
         super().build(query_shape, value_shape, key_shape)
-        # Built after Keras' sublayers, so a learned temperature's weight
-        # comes after Keras' weights, which keep their order.
-        self._stable_softmax = StableSoftmax(
-            axis=self._softmax.axis,
-            temperature=self.temperature,
-            trainable_temperature=self.trainable_temperature,
-            dtype=self.dtype_policy,
-            name="stable_softmax",
-        )
-        self._stable_softmax.build(None)
+        if self.trainable_temperature:
+            # Built after Keras' sublayers, so the learned temperature's
+            # weight comes after Keras' weights, which keep their order.
+            self._stable_softmax = StableSoftmax(
+                axis=self._softmax.axis,
+                temperature=self._fixed_temperature,
+                trainable_temperature=True,
+                dtype=self.dtype_policy,
+                name="stable_softmax",
+            )
+
+    @property
+    def temperature(self) -> float:
+        """The temperature in use, as a Python float.
+
+        Settable when it is trainable. A fixed temperature is set at
+        construction: a traced `predict` would not see a new one.
+        """
+        if self._stable_softmax is None:
+            return self._fixed_temperature
+        return self._stable_softmax.temperature
+
+    @temperature.setter
+    def temperature(self, value):
+        if self._stable_softmax is None:
+            raise ValueError(
+                "The temperature of a StableMultiHeadAttention without "
+                "`trainable_temperature=True` is fixed at construction, so "
+                "that its weights are Keras' weights. Build a new layer, or "
+                "build it with `trainable_temperature=True` to set it at any "
+                f"time. Received: temperature={value!r}"
+            )
+        self._stable_softmax.temperature = value
 
     def current_temperature(self):
         """The temperature in use: the learned one when it is trainable."""
+        if self._stable_softmax is None:
+            return self._fixed_temperature
         return self._stable_softmax.current_temperature()
 
     def _masked_softmax(self, attention_scores, attention_mask=None):
@@ -114,7 +143,14 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             expansion_axis = -len(self._attention_axes) * 2 - 1
             for _ in range(len(attention_scores.shape) - len(attention_mask.shape)):
                 attention_mask = ops.expand_dims(attention_mask, expansion_axis)
-        return self._stable_softmax(attention_scores, mask=attention_mask)
+        if self._stable_softmax is not None:
+            return self._stable_softmax(attention_scores, mask=attention_mask)
+        return stable_softmax(
+            attention_scores,
+            axis=self._softmax.axis,
+            mask=attention_mask,
+            temperature=self._fixed_temperature,
+        )
 
     def _compute_attention(
         self,

@@ -700,7 +700,11 @@ def test_calibrate_strips_any_softmax_activation_from_the_head(trained, activati
             keras.layers.Dense(3, activation=activation),
         ]
     )
-    copy.layers[-1].set_weights(model.layers[-1].get_weights())
+    # Kernel and bias: a StableSoftmax activation adds its temperature
+    # variable to the layer's weights.
+    trained_head, head = model.layers[-1], copy.layers[-1]
+    head.kernel.assign(trained_head.kernel)
+    head.bias.assign(trained_head.bias)
     reference = calibrate(model, x_val, y_val)
     calibrated = calibrate(copy, x_val, y_val)
     assert calibrated.layers[-1].temperature == pytest.approx(

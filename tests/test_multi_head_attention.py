@@ -331,8 +331,20 @@ def test_keras_file_loads_in_a_fresh_process_with_safe_mode(tmp_path):
     )
     loaded = keras.saving.load_model(path, safe_mode=True)
     again = [lay for lay in loaded.layers if isinstance(lay, StableMultiHeadAttention)]
-    assert again[0].temperature == 2.0 and again[0].trainable_temperature
+    # The config reports the learned value, as StableSoftmax's does.
+    assert again[0].temperature == pytest.approx(0.3, rel=1e-6)
+    assert again[0].trainable_temperature
     np.testing.assert_allclose(float(to_numpy(again[0].current_temperature())), 0.3)
+
+
+def test_fixed_temperature_cannot_be_set_after_construction_but_learned_can():
+    fixed = StableMultiHeadAttention(2, 4, temperature=2.0)
+    with pytest.raises(ValueError, match="fixed at construction.*temperature=0.5"):
+        fixed.temperature = 0.5
+    model, _ = _masked_model(trainable_temperature=True)
+    layer = [lay for lay in model.layers if isinstance(lay, StableMultiHeadAttention)]
+    layer[0].temperature = 0.5
+    np.testing.assert_allclose(float(to_numpy(layer[0].current_temperature())), 0.5)
 
 
 @exports

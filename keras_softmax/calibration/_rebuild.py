@@ -55,7 +55,11 @@ def _head_logits(model, output):
         config["name"] = free_name(model, f"{head.name}_logits")
         copy = type(head).from_config(config)
         logits = copy(_input_of(head))
-        copy.set_weights(head.get_weights())
+        # The head's own weights: a StableSoftmax activation brings its
+        # temperature variable to the layer's weights too.
+        activation_weights = {id(w) for w in getattr(activation, "weights", ())}
+        own = [w for w in head.weights if id(w) not in activation_weights]
+        copy.set_weights([keras.ops.convert_to_numpy(w) for w in own])
         return logits
     if activation is keras.activations.linear:
         return output
