@@ -8,6 +8,42 @@ before its clock stops; the figure is the median over the rounds.
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
+
+
+class Timings(NamedTuple):
+    """Median seconds per call of each contender: wall-clock and CPU time.
+
+    CPU time (of all the process's threads) does not see the steps in
+    which a shared machine's CPU quota throttles the wall-clock time.
+    """
+
+    wall: dict[str, float]
+    cpu: dict[str, float]
+
+
+def interleaved_timings(
+    contenders: dict[str, Callable[[], object]],
+    sync: Callable[[object], object],
+    rounds: int = 11,
+    warmup: int = 2,
+) -> Timings:
+    """Times each contender once per round, in turn; medians over rounds."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            sync(fn())
+    wall = {name: [] for name in contenders}
+    cpu = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            sync(fn())
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return Timings(
+        {name: statistics.median(t) for name, t in wall.items()},
+        {name: statistics.median(t) for name, t in cpu.items()},
+    )
 
 
 def interleaved_medians(
@@ -16,17 +52,8 @@ def interleaved_medians(
     rounds: int = 11,
     warmup: int = 2,
 ) -> dict[str, float]:
-    """Median seconds per call of each contender, timed in alternation."""
-    for _ in range(warmup):
-        for fn in contenders.values():
-            sync(fn())
-    times = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            sync(fn())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median wall-clock seconds per call of each contender, timed in turn."""
+    return interleaved_timings(contenders, sync, rounds, warmup).wall
 
 
 def ratio_row(case: str, ours: float, baseline_name: str, baseline: float, target):

@@ -17,14 +17,13 @@ process; CPU time does not see them. Run from the repository root:
 import argparse
 import os
 import platform
-import statistics
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import interleaved_timings  # noqa: E402
 
 import keras_softmax  # noqa: E402
 
@@ -79,20 +78,17 @@ def main(argv=None):
 
     rows = []
     for name, run in (("predict", run_predict), ("fit", run_fit)):
-        for model in models.values():  # traces the graphs: not timed
-            run(model)
-            run(model)
-        wall = {label: [] for label in models}
-        cpu = {label: [] for label in models}
-        for _ in range(args.rounds):
-            # Alternate so that drifts in machine load hit both alike.
-            for label, model in models.items():
-                start, start_cpu = time.perf_counter(), time.process_time()
-                run(model)
-                wall[label].append(time.perf_counter() - start)
-                cpu[label].append(time.process_time() - start_cpu)
-        for clock, times in (("wall", wall), ("CPU", cpu)):
-            keras_ms, ours_ms = (statistics.median(t) * 1e3 for t in times.values())
+        # Two untimed calls each trace the graphs.
+        timings = interleaved_timings(
+            {
+                label: (lambda model=model, run=run: run(model))
+                for label, model in models.items()
+            },
+            sync=lambda out: out,
+            rounds=args.rounds,
+        )
+        for clock, times in (("wall", timings.wall), ("CPU", timings.cpu)):
+            keras_ms, ours_ms = (t * 1e3 for t in times.values())
             rows.append((name, clock, keras_ms, ours_ms, ours_ms / keras_ms))
 
     print(
