@@ -67,6 +67,41 @@ def ratio_row(case: str, ours: float, baseline_name: str, baseline: float, targe
     )
 
 
+def small_calls_row(ours, native, native_name, x, sync, rounds, calls=100):
+    """A sampling loop: `calls` eager calls on one small `x`, time per call."""
+
+    def loop(fn):
+        def run():
+            for _ in range(calls):
+                out = fn(x)
+            return out
+
+        return run
+
+    times = interleaved_medians(
+        {"ours": loop(ours), "native": loop(native)}, sync=sync, rounds=rounds
+    )
+    shape = list(x.shape)
+    return ratio_row(
+        f"{calls} eager calls on {shape} (time per call)",
+        times["ours"] / calls,
+        native_name,
+        times["native"] / calls,
+        4,
+    )
+
+
+def logits_and_mask(shape, seed=0):
+    """NumPy logits of scale 5, and a mask keeping 70% (the first of each slice)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(scale=5.0, size=shape).astype("float32")
+    mask = rng.random(shape) >= 0.3
+    mask[..., 0] = True
+    return x, mask
+
+
 TABLE_HEADER = (
     "| case | stable (ms) | baseline | baseline (ms) | ratio | target |\n"
     "|---|---:|---|---:|---:|---:|"

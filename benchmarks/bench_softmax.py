@@ -30,7 +30,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _timing import TABLE_HEADER  # noqa: E402
 from _timing import interleaved_medians  # noqa: E402
+from _timing import logits_and_mask  # noqa: E402
 from _timing import ratio_row  # noqa: E402
+from _timing import small_calls_row  # noqa: E402
 
 import keras_softmax  # noqa: E402
 
@@ -41,12 +43,7 @@ MEMORY_SHAPE = (1024, 262144)
 
 
 def _data(shape, seed=0):
-    """Logits of scale 5, and a mask keeping 70% (the first of every slice)."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(scale=5.0, size=shape).astype("float32")
-    mask = rng.random(shape) >= 0.3
-    mask[..., 0] = True
-    return tf.constant(x), tf.constant(mask)
+    return tuple(tf.constant(a) for a in logits_and_mask(shape, seed))
 
 
 def _sync(result):
@@ -209,29 +206,10 @@ def predict_case(rounds):
     )
 
 
-def small_calls_case(rounds, calls=100):
-    """A sampling loop: 100 eager calls on [1, 32000]."""
+def small_calls_case(rounds):
     x = _data((1, 32000))[0]
-
-    def loop(fn):
-        def run():
-            for _ in range(calls):
-                out = fn(x)
-            return out
-
-        return run
-
-    times = interleaved_medians(
-        {"ours": loop(keras_softmax.stable_softmax), "native": loop(tf.nn.softmax)},
-        sync=_sync,
-        rounds=rounds,
-    )
-    return ratio_row(
-        f"{calls} eager calls on [1, 32000] (time per call)",
-        times["ours"] / calls,
-        "tf.nn.softmax",
-        times["native"] / calls,
-        4,
+    return small_calls_row(
+        keras_softmax.stable_softmax, tf.nn.softmax, "tf.nn.softmax", x, _sync, rounds
     )
 
 

@@ -148,8 +148,7 @@ def records_gradients(*tensors) -> bool:
     if backend == "torch":
         import torch
 
-        if torch.compiler.is_compiling():
-            return True
+        # (Under torch.compile too: the compiled graph guards on both.)
         return torch.is_grad_enabled() and any(
             getattr(t, "requires_grad", False) for t in tensors
         )

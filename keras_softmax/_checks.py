@@ -95,6 +95,16 @@ def normalize_axis(axis, rank: int):
     return normalized[0] if len(normalized) == 1 else normalized
 
 
+def check_trainable_temperature(trainable_temperature) -> bool:
+    """Checks the `trainable_temperature` flag: True or False."""
+    if not isinstance(trainable_temperature, bool):
+        raise ValueError(
+            "`trainable_temperature` must be True or False. "
+            f"Received: trainable_temperature={trainable_temperature!r}"
+        )
+    return trainable_temperature
+
+
 def check_temperature_value(temperature, dtype: str = "float32") -> float:
     """A Python temperature as a float: positive, and finite in `dtype`."""
     if isinstance(temperature, np.ndarray) and temperature.ndim == 0:

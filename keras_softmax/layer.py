@@ -73,7 +73,9 @@ class StableSoftmax(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.axis = _checks.check_axis_spec(axis)
-        self.trainable_temperature = _check_trainable(trainable_temperature)
+        self.trainable_temperature = _checks.check_trainable_temperature(
+            trainable_temperature
+        )
         # The temperature lives in a variable whatever the input, so the
         # layer is built here, as Keras' own Softmax is.
         if isinstance(temperature, keras.Variable):
@@ -166,7 +168,7 @@ class StableSoftmax(keras.layers.Layer):
         # Keras would wrap the constructor's ValueError in a TypeError.
         _checks.check_axis_spec(config.get("axis", -1))
         _checks.check_temperature_value(config.get("temperature", 1.0))
-        _check_trainable(config.get("trainable_temperature", False))
+        _checks.check_trainable_temperature(config.get("trainable_temperature", False))
         return super().from_config(config)
 
     def get_config(self):
@@ -179,15 +181,6 @@ class StableSoftmax(keras.layers.Layer):
             }
         )
         return config
-
-
-def _check_trainable(trainable_temperature):
-    if not isinstance(trainable_temperature, bool):
-        raise ValueError(
-            "`trainable_temperature` must be True or False. "
-            f"Received: trainable_temperature={trainable_temperature!r}"
-        )
-    return trainable_temperature
 
 
 def _align_keras_mask(mask, inputs):

@@ -5,6 +5,7 @@ import functools
 import keras
 from keras import ops
 
+from keras_softmax import _checks
 from keras_softmax import attention
 from keras_softmax.layer import StableSoftmax
 from keras_softmax.softmax import stable_softmax
@@ -223,15 +224,5 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
 
 
 def _checked(temperature, trainable_temperature):
-    if not isinstance(trainable_temperature, bool):
-        raise ValueError(
-            "`trainable_temperature` must be True or False. "
-            f"Received: trainable_temperature={trainable_temperature!r}"
-        )
-    temperature = attention.check_temperature(temperature)
-    if not isinstance(temperature, float):
-        raise ValueError(
-            "`temperature` must be a positive finite number. "
-            f"Received: temperature={temperature!r}"
-        )
-    return temperature, trainable_temperature
+    trainable_temperature = _checks.check_trainable_temperature(trainable_temperature)
+    return _checks.check_temperature_value(temperature), trainable_temperature
