@@ -62,6 +62,28 @@ def is_concrete(tensor) -> bool:
     return True
 
 
+def reduce_max(x, axis=None, keepdims=False):
+    """`keras.ops.amax`, without what it costs on two backends (Keras 3.15).
+
+    On TensorFlow, eager calls of Keras' maximum run an extra op to refuse
+    empty tensors (more than the softmax of a small tensor costs; the
+    softmax returns early for those); on PyTorch it breaks `torch.compile`'s
+    graph.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.reduce_max(x, axis=axis, keepdims=keepdims)
+    if backend == "torch":
+        import torch
+
+        if axis is None:
+            return torch.amax(x)
+        return torch.amax(x, dim=axis, keepdim=keepdims)
+    return keras.ops.amax(x, axis=axis, keepdims=keepdims)
+
+
 def read(tensor) -> np.ndarray:
     """A concrete tensor's values as a NumPy array.
 
@@ -94,10 +116,10 @@ def graph_when_large(fn):
 
     A graph updates intermediates in place and runs independent reductions
     side by side, where eager ops allocate a fresh output each; for a small
-    input the call of a graph costs more than that saves. One cached graph
-    per static configuration (the Python arguments, which tensor arguments
-    are given, their ranks and dtypes), each retracing at most once more to
-    relax its sizes, so a loop over varying shapes does not retrace.
+    input the call of a graph costs more than that saves. One graph per
+    static configuration (the Python arguments, and the rank, dtype and
+    size-1 axes of each tensor), traced once for every size, so a loop over
+    varying shapes never retraces.
     """
     if keras.backend.backend() != "tensorflow":
         return fn
@@ -105,20 +127,33 @@ def graph_when_large(fn):
 
     graphs = {}
 
+    def spec(t):
+        # Axes of size 1 stay known: broadcasting and gradients rely on them.
+        return tf.TensorSpec([1 if n == 1 else None for n in t.shape], t.dtype)
+
     @functools.wraps(fn)
     def run(x, *args):
         if not tf.executing_eagerly() or _size(x) < _LARGE:
             return fn(x, *args)
-        key = (x.dtype, len(x.shape)) + tuple(
-            (a.dtype, len(a.shape)) if tf.is_tensor(a) else a for a in args
-        )
-        if key not in graphs:
-            graphs[key] = tf.function(fn, reduce_retracing=True, autograph=False)
-        return graphs[key](x, *args)
+        tensors = [x] + [a for a in args if tf.is_tensor(a)]
+        specs = tuple(spec(t) for t in tensors)
+        # The Python arguments, with a placeholder where a tensor goes.
+        layout = tuple(_TENSOR if tf.is_tensor(a) else a for a in args)
+        if specs + layout not in graphs:
 
+            def call(x, *tensor_args, layout=layout):
+                supplied = iter(tensor_args)
+                return fn(x, *(next(supplied) if a is _TENSOR else a for a in layout))
+
+            graph = tf.function(call, input_signature=specs, autograph=False)
+            graphs[specs + layout] = graph
+        return graphs[specs + layout](*tensors)
+
+    run.graphs = graphs  # for a look at what was traced
     return run
 
 
+_TENSOR = object()
 # Elements from which an eager call runs as a graph (see graph_when_large).
 _LARGE = 1 << 16
 

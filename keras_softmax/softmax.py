@@ -180,7 +180,7 @@ def _fused(x, axis, keep, t, log):
     if keep is None or log:
         # Log-probabilities of masked positions must be -inf themselves.
         z = x if keep is None else ops.where(keep, x, -math.inf)
-        top = ops.amax(ops.stop_gradient(z), axis=axis, keepdims=True)
+        top = _backend.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
         # NaN for a NaN (the maxima propagate it), +inf or -inf (nothing
         # kept) maximum: 0 * inf is NaN.
         check = 0.0 * top
@@ -196,14 +196,14 @@ def _fused(x, axis, keep, t, log):
             fill = fill * ops.minimum(ops.stop_gradient(t), _constant(1.0, dtype))
         lowest_top = fill + _UNDERFLOW[dtype] * (1.0 if t is None else t)
         z = ops.where(keep, x, fill)
-        top = ops.amax(ops.stop_gradient(z), axis=axis, keepdims=True)
+        top = _backend.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
         # The log is finite only where the maximum is finite and above its
         # lowest.
         check = 0.0 * ops.log(top - lowest_top)
     if keep is not None:
         # The fill hid the masked values; a NaN among them must still show.
         # (A masked +inf takes the exact path too, which ignores it.)
-        check = check + 0.0 * ops.amax(x)
+        check = check + 0.0 * _backend.reduce_max(x)
     if t is not None:
         # Beyond this, z - top may overflow where (z - top) / t would not.
         limit = _constant(largest / _UNDERFLOW[dtype], dtype)
@@ -231,7 +231,7 @@ def _compiled(x, axis, keep, t, log):
     # NaNs stay in, masked or not, so the maximum carries them to the slice.
     if keep is not None:
         x = ops.where(ops.logical_or(keep, ops.isnan(x)), x, -math.inf)
-    top = ops.amax(ops.stop_gradient(x), axis=axis, keepdims=True)
+    top = _backend.reduce_max(ops.stop_gradient(x), axis, keepdims=True)
     # A slice with nothing kept (top = -inf) stays all -inf; a NaN or +inf
     # maximum makes its slice NaN.
     shift = ops.where(top == -math.inf, 0.0, top)
@@ -321,7 +321,7 @@ def _exact(x, axis, keep, t, log):
     """
     dtype = keras.backend.standardize_dtype(x.dtype)
     z = x if keep is None else ops.where(keep, x, -math.inf)
-    top = ops.amax(z, axis=axis, keepdims=True)
+    top = _backend.reduce_max(z, axis, keepdims=True)
     # A finite shift for every slice: one with nothing kept (top = -inf)
     # stays all -inf, so exp gives its zeros. Bounds as tensors of `dtype`:
     # Keras' PyTorch backend makes a Python float float32, where float64's

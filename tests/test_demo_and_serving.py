@@ -331,16 +331,26 @@ def _masked_model():
 
 
 @exports
-def test_model_with_mask_as_second_input_exports_and_serves_everywhere(tmp_path):
+@pytest.mark.parametrize(
+    "fully_masked_row", [True, False], ids=["exact formula", "fused kernel"]
+)
+def test_model_with_mask_as_second_input_exports_and_serves_everywhere(
+    tmp_path, fully_masked_row
+):
+    # Ordinary rows alone take the fused kernel inside the exported graph; a
+    # fully masked row sends the batch down the exact formula.
     model = _masked_model()
     rng = np.random.default_rng(0)
     logits = (rng.normal(size=(5, 6)) * 20).astype("float32")
     mask = rng.random((5, 6)) > 0.4
-    mask[0] = False  # a fully masked row must come out as zeros everywhere
+    mask[:, 1] = True
+    if fully_masked_row:
+        mask[0] = False  # must come out as zeros everywhere
     inputs = {"logits": logits, "mask": mask}
     model([logits, mask])  # exporters need a model that has been called
     expected = model.predict([logits, mask], verbose=0)
-    np.testing.assert_array_equal(expected[0], 0.0)
+    np.testing.assert_array_equal(expected[~mask.any(axis=1)], 0.0)
+    np.testing.assert_allclose(expected[mask.any(axis=1)].sum(axis=1), 1.0, 1e-6)
     paths = serving.save(model, tmp_path, "masked")
     served = {
         "keras": serving.predict_keras_fresh(paths["keras"], inputs),

@@ -1,4 +1,4 @@
-"""Points 6 to 8 of the contract, and the layer and activation names."""
+"""Inside Keras: activation names, masks, saving, loss fusion, dtypes, training."""
 
 import json
 import textwrap
@@ -6,6 +6,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+from backends import BACKEND
 from backends import compiled
 from backends import traced
 from reference import assert_close_to_reference
@@ -186,7 +187,7 @@ def test_models_save_to_keras_files_and_load_in_a_fresh_process(tmp_path):
 
 # Keras' TensorFlow backend alone reads `_keras_logits`; on JAX and PyTorch a
 # loss on probabilities is clipped at -log(1e-7), as for the built-in softmax.
-FUSES_LOSS = keras.backend.backend() == "tensorflow"
+FUSES_LOSS = BACKEND == "tensorflow"
 
 
 def _builtin_loss(loss, y, logits):

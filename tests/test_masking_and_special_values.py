@@ -1,4 +1,4 @@
-"""Points 3 and 4 of the contract: masks, -inf, NaN and +inf."""
+"""Masks, -inf, NaN and +inf: what each does to its slice, and to the gradient."""
 
 import keras
 import numpy as np

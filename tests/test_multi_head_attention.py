@@ -4,13 +4,14 @@ import keras
 import numpy as np
 import pytest
 from attention_reference import attention as reference_attention
+from backends import BACKEND
 from reference import to_numpy
 
 import keras_softmax
 from keras_softmax import StableMultiHeadAttention
 from keras_softmax import serving
 
-ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
+ON_TENSORFLOW = BACKEND == "tensorflow"
 exports = pytest.mark.skipif(
     not ON_TENSORFLOW, reason="Keras exports these from the TensorFlow backend"
 )
@@ -115,7 +116,7 @@ def test_same_outputs_with_and_without_the_attention_scores(temperature):
     plain = to_numpy(ours(x, x, attention_mask=mask))
     with_scores, _ = ours(x, x, attention_mask=mask, **_scores())
     with_scores = to_numpy(with_scores)
-    if keras.backend.backend() == "torch" and temperature >= 1.0:
+    if BACKEND == "torch" and temperature >= 1.0:
         # PyTorch's fused kernel rounds differently from the explicit path.
         np.testing.assert_allclose(plain, with_scores, rtol=1e-6, atol=1e-6)
     else:

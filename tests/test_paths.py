@@ -87,6 +87,27 @@ def test_eager_calls_on_small_and_large_inputs_agree_bit_for_bit():
     np.testing.assert_array_equal(whole, np.concatenate(rows))
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="only TensorFlow traces eagerly")
+def test_a_loop_over_varying_large_shapes_traces_each_graph_at_most_twice():
+    import logging
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        for rows in range(3, 12):
+            x = np.ones((rows, 1 << 14), "float32")
+            stable_softmax(x)
+            stable_softmax(x, mask=x > 0, temperature=0.5)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in messages if "retracing" in m]
+    counts = [g.experimental_get_tracing_count() for g in core._fused.graphs.values()]
+    assert counts and max(counts) <= 2
+
+
 def _numerical_gradient(fn, x, step=1e-6):
     """Central differences of sum(fn(x) * w) for weights w = 1, 2, ...; finite only."""
 
