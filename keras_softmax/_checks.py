@@ -153,7 +153,7 @@ def to_temperature(temperature, x, axis):
             f"Received: temperature={temperature!r}"
         )
     t = ops.cast(ops.convert_to_tensor(temperature), x.dtype)
-    _check_temperature_shape(t.shape, x.shape, axis)
+    check_temperature_shape(t.shape, x.shape, axis)
     if _backend.is_concrete(t):
         values = _backend.read(t)
         if not np.all(np.isfinite(values) & (values > 0)):
@@ -161,17 +161,16 @@ def to_temperature(temperature, x, axis):
                 f"`temperature` must be positive and finite. "
                 f"Received: temperature={values.tolist()!r}"
             )
+        if np.all(values == 1) and not _backend.records_gradients(t):
+            # The untempered path: a layer's default temperature costs nothing.
+            return 1.0
         return t
     valid = ops.all(ops.logical_and(t > 0, t < math.inf))
     return ops.where(valid, t, math.nan)
 
 
-def check_temperature_spec(temperature_shape, x_shape, axis):
-    """Checks a symbolic temperature's shape against `x`'s (see above)."""
-    _check_temperature_shape(temperature_shape, x_shape, axis)
-
-
-def _check_temperature_shape(t_shape, x_shape, axis):
+def check_temperature_shape(t_shape, x_shape, axis):
+    """Raises unless a temperature of `t_shape` fits `x` (see above)."""
     t_shape, x_shape = tuple(t_shape), tuple(x_shape)
     axes = axis if isinstance(axis, tuple) else (axis,)
     rank = len(x_shape)

@@ -110,6 +110,7 @@ def stable_log_softmax(x, axis=-1, mask=None, temperature=1.0):
 
 
 def _stable(x, axis, mask, temperature, log):
+    """Checks the arguments, then takes the path this backend runs best."""
     if _any_symbolic(x, mask, temperature):
         return _symbolic(x, axis, mask, temperature, log)
     x, output_dtype = _checks.to_compute_dtype(x)
@@ -172,7 +173,7 @@ def _fused(x, axis, keep, t, log):
             return ops.sum(fast, axis=axis)
 
         return _fused_kernel(
-            x, x, axis, witness, lambda: _exact(x, axis, keep, t, log), log
+            x, axis, witness, lambda: _exact(x, axis, keep, t, log), log
         )
 
     dtype = keras.backend.standardize_dtype(x.dtype)
@@ -211,11 +212,11 @@ def _fused(x, axis, keep, t, log):
     # With T = 1 the kernel shifts by the maximum itself.
     logits = z if t is None else _divide(z - top, t)
     return _fused_kernel(
-        logits, x, axis, lambda fast: check, lambda: _exact(x, axis, keep, t, log), log
+        logits, axis, lambda fast: check, lambda: _exact(x, axis, keep, t, log), log
     )
 
 
-def _fused_kernel(logits, x, axis, witness, exact, log):
+def _fused_kernel(logits, axis, witness, exact, log):
     """The fused softmax of `logits`, or `exact()` if `witness` holds a NaN."""
 
     def forward(logits):
@@ -430,7 +431,7 @@ class StableSoftmaxOperation(keras.Operation):
         if mask is not None:
             _checks.check_mask_shape(mask.shape, x.shape)
         if temperature is not None:
-            _checks.check_temperature_spec(temperature.shape, x.shape, axis)
+            _checks.check_temperature_shape(temperature.shape, x.shape, axis)
         return keras.KerasTensor(x.shape, dtype=_checks.output_dtype(x.dtype))
 
     def get_config(self):
