@@ -36,7 +36,7 @@ def to_compute_dtype(x) -> Logits:
     """
     x = ops.convert_to_tensor(x)
     dtype = output_dtype(x.dtype)
-    if keras.backend.standardize_dtype(x.dtype) == dtype in _FULL_DTYPES:
+    if dtype in _FULL_DTYPES and keras.backend.standardize_dtype(x.dtype) == dtype:
         return Logits(x, dtype)
     return Logits(ops.cast(x, "float32" if dtype in HALF_DTYPES else dtype), dtype)
 
@@ -173,13 +173,10 @@ def check_temperature_shape(t_shape, x_shape, axis):
     """Raises unless a temperature of `t_shape` fits `x` (see above)."""
     t_shape, x_shape = tuple(t_shape), tuple(x_shape)
     axes = axis if isinstance(axis, tuple) else (axis,)
-    rank = len(x_shape)
-    padded = (1,) * (rank - len(t_shape)) + t_shape
-    fits = len(t_shape) <= rank and all(
-        t is None or x is None or t in (1, x)
-        for t, x in zip(padded, x_shape, strict=False)
-    )
-    if not fits or any(padded[a] not in (1, None) for a in axes):
+    padded = (1,) * (len(x_shape) - len(t_shape)) + t_shape
+    if not _broadcasts(t_shape, x_shape) or any(
+        padded[a] not in (1, None) for a in axes
+    ):
         raise ValueError(
             f"`temperature` must be a scalar, or broadcast to `x` with size 1 "
             f"along every normalised axis {axis}. Received: temperature with "
@@ -201,11 +198,7 @@ def to_keep_mask(mask, x):
 def check_mask_shape(mask_shape, x_shape):
     """Raises unless a mask of `mask_shape` broadcasts to `x_shape`."""
     mask_shape, x_shape = tuple(mask_shape), tuple(x_shape)
-    broadcastable = len(mask_shape) <= len(x_shape) and all(
-        m is None or i is None or m in (1, i)
-        for m, i in zip(reversed(mask_shape), reversed(x_shape), strict=False)
-    )
-    if not broadcastable:
+    if not _broadcasts(mask_shape, x_shape):
         extra = (
             " and must not have more dimensions"
             if len(mask_shape) > len(x_shape)
@@ -215,6 +208,14 @@ def check_mask_shape(mask_shape, x_shape):
             f"`mask` must be broadcastable to `x`{extra}. "
             f"Received: mask.shape={mask_shape}, x.shape={x_shape}"
         )
+
+
+def _broadcasts(shape, to_shape):
+    """Whether `shape` broadcasts to `to_shape` (unknown sizes fit anything)."""
+    return len(shape) <= len(to_shape) and all(
+        a is None or b is None or a in (1, b)
+        for a, b in zip(reversed(shape), reversed(to_shape), strict=False)
+    )
 
 
 def _is_int(value):

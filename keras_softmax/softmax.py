@@ -260,7 +260,7 @@ def _compiled(x, axis, keep, t, log):
     if t is not None:
         poison = poison + 0.0 * t
     outputs = _with_custom_gradient(forward, logits) + poison
-    return _Result(outputs, _finite(logits))
+    return _Result(outputs, logits)
 
 
 def _with_custom_gradient(forward, *inputs):
