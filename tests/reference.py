@@ -40,6 +40,19 @@ def _shifted(x, axis, mask, temperature):
     return shifted, dead, np.where(dead, 1.0, total)
 
 
+def numerical_jacobian(fn, x, step=1e-6):
+    """Central differences of `fn` at `x`: shape (fn(x).size, x.size)."""
+    x = np.asarray(x, np.float64)
+    columns = []
+    for i in range(x.size):
+        delta = np.zeros_like(x)
+        delta.flat[i] = step
+        columns.append(
+            (to_numpy(fn(x + delta)) - to_numpy(fn(x - delta))).ravel() / (2 * step)
+        )
+    return np.stack(columns, axis=1)
+
+
 def assert_close_to_reference(actual, expected, axis=-1, eps=FLOAT32_EPS, rtol=1e-6):
     """Each probability p within p * (rtol + eps * |ln(p / max p)|).
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from reference import assert_close_to_reference
+from reference import numerical_jacobian
 from reference import softmax as reference_softmax
 from reference import to_numpy
 
@@ -145,18 +146,6 @@ def test_gradients_are_finite_with_fully_masked_and_minus_inf_slices(fn, tempera
     np.testing.assert_array_equal(grad[1], 0.0)
 
 
-def _numerical_jacobian(fn, x, step=1e-6):
-    x = np.asarray(x, np.float64)
-    columns = []
-    for i in range(x.size):
-        delta = np.zeros_like(x)
-        delta.flat[i] = step
-        columns.append(
-            (to_numpy(fn(x + delta)) - to_numpy(fn(x - delta))).ravel() / (2 * step)
-        )
-    return np.stack(columns, axis=1)
-
-
 @pytest.mark.parametrize("log", [False, True])
 @given(
     x=hnp.arrays(np.float64, (2, 4), elements=st.floats(-5, 5)),
@@ -170,7 +159,7 @@ def test_gradients_match_central_differences(log, x, mask, temperature, axis):
     def f(v):
         return fn(v, axis=axis, mask=mask, temperature=temperature)
 
-    numerical = _numerical_jacobian(f, x)
+    numerical = numerical_jacobian(f, x)
     analytic = jacobian(f, x)
     finite = np.isfinite(numerical)
     assert np.all(np.isfinite(analytic))
