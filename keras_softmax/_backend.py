@@ -11,7 +11,7 @@ import keras
 import numpy as np
 
 
-def takes_fused_path() -> bool:
+def takes_fused_path(x) -> bool:
     """Whether the backend's own fused softmax kernel is worth a branch here.
 
     True where ops run as separate kernels: TensorFlow eagerly or in a
@@ -23,15 +23,14 @@ def takes_fused_path() -> bool:
 
     False where a compiler fuses the exact formula into as few passes as a
     softmax anyway, and a branch would only cost: XLA (`jit_compile=True`),
-    JAX (every JAX call is compiled) and `torch.compile`.
+    JAX (every JAX call is compiled) and `torch.compile`; and under
+    `torch.func`'s transforms, whose tensors cannot be read to branch on.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
         return not _in_xla_context()
     if backend == "torch":
-        import torch
-
-        return not torch.compiler.is_compiling()
+        return is_concrete(x)
     return False
 
 
@@ -58,7 +57,10 @@ def is_concrete(tensor) -> bool:
     if backend == "torch":
         import torch
 
-        return not torch.compiler.is_compiling()
+        return not (
+            torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+        )
     return True
 
 
@@ -165,11 +167,12 @@ def _size(x):
     return size
 
 
-def records_gradients(*tensors) -> bool:
-    """Whether a gradient of these tensors may be asked for, now or later.
+def may_differentiate(tensor) -> bool:
+    """Whether a derivative in `tensor` may be asked for, now or later.
 
-    False only for eager calls that no tape or autograd records: there a
-    custom gradient would cost its set-up for nothing.
+    False only for eager calls that nothing records, in either mode: no
+    tape or forward accumulator on TensorFlow; on PyTorch no autograd, no
+    forward-mode dual and no `torch.func` transform.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -182,11 +185,13 @@ def records_gradients(*tensors) -> bool:
         return record.could_possibly_record()
     if backend == "torch":
         import torch
+        from torch.autograd import forward_ad
 
-        # (Under torch.compile too: the compiled graph guards on both.)
-        return torch.is_grad_enabled() and any(
-            getattr(t, "requires_grad", False) for t in tensors
-        )
+        if not is_concrete(tensor):
+            return True
+        if getattr(tensor, "requires_grad", False) and torch.is_grad_enabled():
+            return True
+        return forward_ad._current_level >= 0
     return True
 
 

@@ -161,7 +161,7 @@ def to_temperature(temperature, x, axis):
                 f"`temperature` must be positive and finite. "
                 f"Received: temperature={values.tolist()!r}"
             )
-        if np.all(values == 1) and not _backend.records_gradients(t):
+        if np.all(values == 1) and not _backend.may_differentiate(t):
             # The untempered path: a layer's default temperature costs nothing.
             return 1.0
         return t

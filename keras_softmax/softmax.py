@@ -14,8 +14,14 @@ same result:
   passes as a softmax anyway (XLA, JAX, `torch.compile`), and for joint
   normalisation over several axes.
 
-Both shift by the slice maximum before they divide by the temperature, and
-both differentiate through one custom gradient, `y * (g - sum(g * y))`.
+Both shift by the slice maximum before they divide by the temperature.
+
+Neither has a custom gradient. Every intermediate is finite wherever a
+derivative is taken (a masked or -inf position gets a logit of 0 whose
+exp is discarded, and a derivative of exactly 0), so each backend's own
+autodiff gives exact and finite derivatives in every mode and to every
+order: reverse and forward, Jacobians and Hessians, `vmap`, `torch.func`,
+for tensors and variables alike.
 """
 
 import math
@@ -119,7 +125,9 @@ def _stable(x, axis, mask, temperature, log):
     keep = _checks.to_keep_mask(mask, x)
     if any(size == 0 for size in x.shape):
         return ops.zeros(ops.shape(x), output_dtype)
-    if isinstance(t, float):
+    # A Python temperature is a constant: no derivative in it is ever taken.
+    t_varies = not isinstance(t, float)
+    if not t_varies:
         t = None if t == 1.0 else ops.convert_to_tensor(t, x.dtype)
 
     single = isinstance(axis, int)
@@ -133,8 +141,11 @@ def _stable(x, axis, mask, temperature, log):
             stacklevel=3,
         )
         single = False
-    fused = single and _backend.takes_fused_path()
-    result = (_fused if fused else _compiled)(x, axis, keep, t, log)
+    fused = single and _backend.takes_fused_path(x)
+    if fused:
+        result = _fused(x, axis, keep, t, log, t_varies)
+    else:
+        result = _compiled(x, axis, keep, t, log)
     outputs = _cast(result.outputs, output_dtype)
     if not log and _backend.losses_read_logits():
         # The fused path's logits are finite already where a mask filled them.
@@ -157,7 +168,7 @@ class _Result(NamedTuple):
 
 
 @_backend.graph_when_large
-def _fused(x, axis, keep, t, log):
+def _fused(x, axis, keep, t, log, t_varies):
     """The backend's fused kernel, checked with one read for special slices.
 
     The check is one small tensor (a value per slice at most), with a NaN
@@ -184,7 +195,7 @@ def _fused(x, axis, keep, t, log):
         top = _backend.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
         # NaN for a NaN (the maxima propagate it), +inf or -inf (nothing
         # kept) maximum: 0 * inf is NaN.
-        check = 0.0 * top
+        check = _nan_where_infinite(top)
     else:
         # Probabilities carry their logits to Keras' losses, which need them
         # finite (0 * -inf is NaN in TensorFlow's fused cross-entropy): a
@@ -193,24 +204,24 @@ def _fused(x, axis, keep, t, log):
         # stays finite too.
         fill = _constant(-largest / 2, dtype)
         if t is not None:
-            # A constant as far as gradients go: masked positions carry none.
+            # A constant as far as derivatives go: masked positions have none.
             fill = fill * ops.minimum(ops.stop_gradient(t), _constant(1.0, dtype))
         lowest_top = fill + _UNDERFLOW[dtype] * (1.0 if t is None else t)
         z = ops.where(keep, x, fill)
         top = _backend.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
         # The log is finite only where the maximum is finite and above its
         # lowest.
-        check = 0.0 * ops.log(top - lowest_top)
+        check = _nan_where_infinite(ops.log(top - lowest_top))
     if keep is not None:
         # The fill hid the masked values; a NaN among them must still show.
         # (A masked +inf takes the exact path too, which ignores it.)
-        check = check + 0.0 * _backend.reduce_max(x)
+        check = check + _nan_where_infinite(_backend.reduce_max(x))
     if t is not None:
         # Beyond this, z - top may overflow where (z - top) / t would not.
         limit = _constant(largest / _UNDERFLOW[dtype], dtype)
-        check = check + 0.0 * ops.log(limit - t)
+        check = check + _nan_where_infinite(ops.log(limit - t))
     # With T = 1 the kernel shifts by the maximum itself.
-    logits = z if t is None else _divide(z - top, t)
+    logits = z if t is None else _tempered(z - top, t, t_varies, keep)
     return _fused_kernel(
         logits, axis, lambda fast: check, lambda: _exact(x, axis, keep, t, log), log
     )
@@ -218,132 +229,118 @@ def _fused(x, axis, keep, t, log):
 
 def _fused_kernel(logits, axis, witness, exact, log):
     """The fused softmax of `logits`, or `exact()` if `witness` holds a NaN."""
+    fast = ops.log_softmax(logits, axis) if log else ops.softmax(logits, axis)
+    return _Result(_backend.cond_no_nan(witness(fast), lambda: fast, exact), logits)
 
-    def forward(logits):
-        fast = ops.log_softmax(logits, axis) if log else ops.softmax(logits, axis)
-        outputs = _backend.cond_no_nan(witness(fast), lambda: fast, exact)
-        return outputs, _backward(outputs, axis, log)
 
-    return _Result(_with_custom_gradient(forward, logits), logits)
+def _tempered(shifted, t, t_varies, keep):
+    """`shifted / t`, with derivatives in `t` that stay finite and exact.
+
+    A masked or -inf position is a constant, but the quotient's derivatives
+    in `t` there, `-shifted / t**2` and beyond, are huge or infinite: left
+    alone, autodiff would multiply 0 by them. Where `t` is a constant
+    nobody differentiates, the plain quotient.
+    """
+    if not t_varies:
+        return shifted / t
+    free = shifted > -math.inf
+    if keep is not None:
+        free = ops.logical_and(keep, free)
+    return ops.where(
+        free,
+        ops.where(free, shifted, 0.0) / t,
+        shifted / ops.stop_gradient(t),
+    )
 
 
 def _compiled(x, axis, keep, t, log):
     """The exact formula alone, for compilers that fuse it into few passes."""
     # NaNs stay in, masked or not, so the maximum carries them to the slice.
-    if keep is not None:
-        x = ops.where(ops.logical_or(keep, ops.isnan(x)), x, -math.inf)
-    top = _backend.reduce_max(ops.stop_gradient(x), axis, keepdims=True)
-    # A slice with nothing kept (top = -inf) stays all -inf; a NaN or +inf
-    # maximum makes its slice NaN.
-    shift = ops.where(top == -math.inf, 0.0, top)
-    if t is None:
-        logits = x - shift
+    # A kept NaN is valid too: the poison below makes its slice NaN.
+    valid = x != -math.inf
+    if keep is None:
+        candidates = x
     else:
-        # Halves cannot overflow in the subtraction, and halving both sides
-        # of the division rounds exactly as the division itself.
-        logits = _divide(x / 2 - shift / 2, t / 2)
-
-    def forward(logits):
-        exps = ops.exp(logits)
-        total = _sum(exps, axis)
-        # A slice with nothing kept sums to 0: it becomes 0 / 1, or -inf - 0;
-        # a NaN total (from a NaN or +inf maximum) stays NaN. Not
-        # maximum(total, 1): JAX splits its gradient at the tie.
-        total = ops.where(total == 0, 1.0, total)
-        outputs = logits - ops.log(total) if log else exps / total
-        return outputs, _backward(outputs, axis, log)
-
+        candidates = ops.where(ops.logical_or(keep, ops.isnan(x)), x, -math.inf)
+        valid = ops.logical_and(keep, valid)
+    top = _backend.reduce_max(ops.stop_gradient(candidates), axis, keepdims=True)
+    # A slice with nothing valid (top = -inf) gets a harmless shift; a NaN
+    # or +inf maximum makes its slice NaN.
+    shift = ops.where(top == -math.inf, 0.0, top)
+    logits = _shifted_logits(x, shift, t, valid)
+    exps = ops.where(valid, ops.exp(logits), 0.0)
+    total = _sum(exps, axis)
+    # A slice with nothing kept sums to 0: it becomes 0 / 1, or -inf. Not
+    # maximum(total, 1): JAX splits its derivative at the tie.
+    total = ops.where(total == 0, 1.0, total)
+    if log:
+        outputs = ops.where(valid, logits - ops.log(total), -math.inf)
+    else:
+        outputs = exps / total
     # XLA's exp does not carry a NaN through (it clamps its argument), so
     # the NaN of a NaN or +inf maximum, or of a temperature that turned out
     # bad at run time, is added to the result rather than left to exp.
-    poison = 0.0 * ops.where(top == -math.inf, 0.0, top)
+    poison = _nan_where_infinite(shift)
     if t is not None:
-        poison = poison + 0.0 * t
-    outputs = _with_custom_gradient(forward, logits) + poison
-    return _Result(outputs, logits)
+        poison = poison + _nan_where_infinite(t)
+    return _Result(outputs + poison, logits)
 
 
-def _with_custom_gradient(forward, *inputs):
-    """`forward(*inputs)[0]`, differentiated by the gradient it returns.
+def _shifted_logits(x, shift, t, valid):
+    """`(x - shift) / t` where `valid`, and 0 (whose exp is discarded) elsewhere.
 
-    Eager calls that nothing records skip the wrapper, whose set-up costs
-    more than the softmax of a small tensor.
+    The 0 keeps every derivative of a masked or -inf position finite (and
+    zero), in any mode and to any order: the backend's own autodiff then
+    needs no custom rule. With a temperature, halves cannot overflow in the
+    subtraction, and halving both sides of the division rounds exactly as
+    the division itself.
     """
-    if _backend.records_gradients(*inputs):
-        return ops.custom_gradient(forward)(*inputs)
-    return forward(*inputs)[0]
-
-
-def _backward(outputs, axis, log):
-    """The gradient of the softmax (or log-softmax) with respect to its logits.
-
-    Exact and finite wherever the outputs are: zero at masked positions and
-    in slices with nothing kept.
-    """
-
-    def grad(*args, upstream=None):
-        g = args[-1] if upstream is None else upstream
-        if log:
-            # Positions at -inf are constants: their upstream is dropped.
-            g = ops.where(outputs > -math.inf, g, 0.0)
-            return g - ops.exp(outputs) * _sum(g, axis)
-        return outputs * (g - _sum(g * outputs, axis))
-
-    return grad
-
-
-def _divide(shifted, t):
-    """`shifted / t`, whose gradient stays finite where `shifted` is -inf."""
     if t is None:
-        return shifted
+        return ops.where(valid, x - shift, 0.0)
+    return ops.where(valid, x / 2 - shift / 2, 0.0) / (t / 2)
 
-    def divide(shifted, t):
-        logits = shifted / t
 
-        def grad(*args, upstream=None):
-            g = args[-1] if upstream is None else upstream
-            # The gradient is 0 wherever a logit is -inf; 0 * -inf would be NaN.
-            terms = ops.where(logits > -math.inf, g * logits, 0.0)
-            return g / t, -_sum_to_shape(terms, t.shape) / t
-
-        return logits, grad
-
-    return _with_custom_gradient(divide, shifted, t)
+def _nan_where_infinite(value):
+    """0, or NaN where `value` is NaN or infinite: a NaN carrier to add on."""
+    return 0.0 * value
 
 
 def _exact(x, axis, keep, t, log):
     """The softmax of any input, written for exporters as well as runtimes.
 
-    Shifts by the slice maximum, then divides. It never selects between
-    values that may be infinite: tf2onnx turns such a `where` into
-    `c * a + (1 - c) * b`, where `0 * inf` is NaN. And it multiplies masked
-    positions by the mask rather than trusting the fill, which LiteRT's
-    converter turns from -inf into the lowest float.
+    Shifts by the slice maximum, then divides. It multiplies masked
+    positions by the mask rather than trusting a fill, which LiteRT's
+    converter turns from -inf into the lowest float; and it selects only
+    between finite values, for tf2onnx turns a `where` into
+    `c * a + (1 - c) * b`, where `0 * inf` is NaN.
     """
     dtype = keras.backend.standardize_dtype(x.dtype)
     z = x if keep is None else ops.where(keep, x, -math.inf)
-    top = _backend.reduce_max(z, axis, keepdims=True)
-    # A finite shift for every slice: one with nothing kept (top = -inf)
-    # stays all -inf, so exp gives its zeros. Bounds as tensors of `dtype`:
+    top = _backend.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
+    # A finite shift for every slice, so that a slice with nothing kept
+    # (top = -inf) still gives finite logits. Bounds as tensors of `dtype`:
     # Keras' PyTorch backend makes a Python float float32, where float64's
     # max is inf.
     largest = _constant(float(np.finfo(dtype).max), dtype)
     shift = ops.clip(top, -largest, largest)
-    if t is None:
-        shifted = z - shift
-    else:
-        shifted = (z / 2 - shift / 2) / (t / 2)
-    exps = ops.exp(shifted)
-    if keep is not None:
-        exps = exps * ops.cast(keep, dtype)
+    # Infinite and NaN logits are clipped before any selection; the NaN and
+    # +inf still reach the poison below.
+    valid = z != -math.inf  # NaNs too: they carry themselves to the slice
+    logits = _shifted_logits(ops.clip(z, -largest, largest), shift, t, valid)
+    kept = ops.cast(valid, dtype)
+    exps = ops.exp(logits) * kept
     total = _sum(exps, axis)
     total = ops.where(total > 0, total, 1.0)
-    outputs = shifted - ops.log(total) if log else exps / total
+    if log:
+        # log(0) puts the -inf of invalid positions in without a selection.
+        outputs = (logits - ops.log(total)) * kept + ops.log(kept)
+    else:
+        outputs = exps / total
     # NaN for the whole slice when it holds +inf (0 * inf) or any NaN, and
     # everywhere for a temperature that turned out bad at run time.
-    poison = 0.0 * ops.relu(top)
+    poison = _nan_where_infinite(ops.relu(top))
     if t is not None:
-        poison = poison + 0.0 * t
+        poison = poison + _nan_where_infinite(t)
     if keep is not None:
         # A masked NaN; isnan, as some runtimes' max skips NaN.
         any_nan = ops.any(ops.isnan(x), axis=axis, keepdims=True)
@@ -375,20 +372,6 @@ def _sum(x, axis):
     """
     for a in axis if isinstance(axis, tuple) else (axis,):
         x = ops.sum(x, axis=a, keepdims=True)
-    return x
-
-
-def _sum_to_shape(x, shape):
-    """Sums `x` down to `shape`, which broadcasts to it: a gradient's reverse."""
-    shape = tuple(shape)
-    extra = len(x.shape) - len(shape)
-    if extra:
-        x = ops.sum(x, axis=tuple(range(extra)))
-    broadcast = tuple(
-        i for i, size in enumerate(shape) if size == 1 and x.shape[i] != 1
-    )
-    if broadcast:
-        x = ops.sum(x, axis=broadcast, keepdims=True)
     return x
 
 

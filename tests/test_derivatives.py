@@ -1,0 +1,230 @@
+"""Every derivative users take, on this backend, against central differences.
+
+Each subject is a function of one float64 vector (logits, and a tensor
+temperature where it has one; queries, keys and values for attention),
+with masks, a fully masked slice and infinite logits. Every transform the
+backend offers (tests/backends.py: reverse and forward mode, Jacobians,
+Hessians, vmap, torch.func, compiled) must give its central differences,
+and exactly 0 for a derivative in an infinite input.
+"""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+from backends import BACKEND
+from backends import FIRST_ORDER
+from backends import SECOND_ORDER
+from reference import numerical_jacobian
+from reference import to_numpy
+
+from keras_softmax import StableMultiHeadAttention
+from keras_softmax import StableSoftmax
+from keras_softmax import dot_product_attention
+from keras_softmax import stable_log_softmax
+from keras_softmax import stable_softmax
+
+ops = keras.ops
+
+# Row 0 ordinary, row 1 with a kept -inf logit (and, under MASK, a masked
+# +inf, which is ignored), row 2 fully masked under MASK.
+LOGITS = np.array(
+    [[0.3, -1.2, 2.0, 0.7], [1.5, -np.inf, 0.2, -0.4], [0.9, 0.1, -2.2, 1.3]]
+)
+WITH_MASKED_INF = np.where(np.arange(4) == 3, [[0.7], [np.inf], [1.3]], LOGITS)
+MASK = np.array([[1, 1, 0, 1], [1, 1, 1, 0], [0, 0, 0, 0]], bool)
+ROW_TEMPERATURES = np.array([[0.7], [1.3], [2.0]])
+
+
+def _pieces(v, shapes):
+    """Splits the vector `v` into tensors of `shapes`."""
+    pieces, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        pieces.append(ops.reshape(v[start : start + size], shape))
+        start += size
+    return pieces
+
+
+class Subject:
+    """`fn` of the tensors of `shapes`, as a function of one flat vector."""
+
+    def __init__(self, fn, *values):
+        self.fn = fn
+        self.shapes = [np.shape(value) for value in values]
+        self.v0 = np.concatenate([np.ravel(value) for value in values])
+
+    def __call__(self, v):
+        return ops.reshape(self.fn(*_pieces(v, self.shapes)), (-1,))
+
+
+def _softmax_subjects(fn, name):
+    return {
+        f"{name}": Subject(lambda x: fn(x), LOGITS),
+        f"{name}, masked, T = 0.7": Subject(
+            lambda x: fn(x, mask=MASK, temperature=0.7), WITH_MASKED_INF
+        ),
+        f"{name}, masked, tensor T per row": Subject(
+            lambda x, t: fn(x, mask=MASK, temperature=t), LOGITS, ROW_TEMPERATURES
+        ),
+        f"{name}, joint axes, tensor T": Subject(
+            lambda x, t: fn(x, axis=(0, 1), temperature=t), LOGITS, np.array(1.6)
+        ),
+    }
+
+
+def _attention_inputs():
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(1, 2, 1, 2))
+    k = rng.normal(size=(1, 3, 1, 2))
+    v = rng.normal(size=(1, 3, 1, 2))
+    # The second query keeps no key.
+    mask = np.array([[[[True, False, True], [False, False, False]]]])
+    return q, k, v, mask
+
+
+def _attention_subjects():
+    q, k, v, mask = _attention_inputs()
+    return {
+        # T = 1 takes the backend's fused attention, T = 0.5 stable_softmax.
+        f"dot_product_attention, T = {t}": Subject(
+            lambda q, k, v, t=t: dot_product_attention(
+                q, k, v, mask=mask, temperature=t
+            ),
+            q,
+            k,
+            v,
+        )
+        for t in (1.0, 0.5)
+    } | {
+        "dot_product_attention, tensor T": Subject(
+            lambda q, k, v, t: dot_product_attention(
+                q, k, v, mask=mask, temperature=t
+            ),
+            q,
+            k,
+            v,
+            np.array(0.8),
+        )
+    }
+
+
+def _layer_subjects():
+    softmax_layer = StableSoftmax(
+        temperature=1.5, trainable_temperature=True, dtype="float64"
+    )
+    attention_layer = StableMultiHeadAttention(
+        num_heads=1,
+        key_dim=2,
+        temperature=0.5,
+        dtype="float64",
+        kernel_initializer=keras.initializers.GlorotNormal(seed=1),
+        bias_initializer=keras.initializers.RandomNormal(seed=2),
+    )
+    query = np.random.default_rng(4).normal(size=(1, 2, 2))
+    value = np.random.default_rng(5).normal(size=(1, 3, 2))
+    attention_mask = np.array([[[1, 0, 1], [0, 0, 0]]], bool)
+    attention_layer(query, value, attention_mask=attention_mask)  # builds it
+    return {
+        "StableSoftmax layer, learned T": Subject(
+            lambda x: softmax_layer(x, mask=MASK), LOGITS
+        ),
+        "StableMultiHeadAttention layer": Subject(
+            lambda q, v: attention_layer(q, v, attention_mask=attention_mask),
+            query,
+            value,
+        ),
+    }
+
+
+def _subjects():
+    return (
+        _softmax_subjects(stable_softmax, "softmax")
+        | _softmax_subjects(stable_log_softmax, "log_softmax")
+        | _attention_subjects()
+        | _layer_subjects()
+    )
+
+
+SUBJECTS = _subjects()
+
+
+@functools.cache
+def _reference_jacobian(name):
+    """Central differences of SUBJECTS[name], and which outputs are finite.
+
+    The columns of infinite inputs are 0: they are held as they are.
+    """
+    subject = SUBJECTS[name]
+    x = np.where(np.isfinite(subject.v0), subject.v0, 0.0)
+    jacobian = numerical_jacobian(lambda v: _evaluate(subject, v), x)
+    return jacobian, np.isfinite(_evaluate(subject, subject.v0))
+
+
+def _evaluate(subject, v):
+    """`subject` at `v` as NumPy, its infinite inputs held as they are."""
+    v = np.where(np.isfinite(subject.v0), v, subject.v0)
+    return to_numpy(subject(ops.convert_to_tensor(v)))
+
+
+def _loss(name):
+    """sum(w * outputs) over the finite outputs, w = 1, 2, ...: a scalar."""
+    subject = SUBJECTS[name]
+    _, finite_out = _reference_jacobian(name)
+    weights = np.where(finite_out, np.arange(1.0, finite_out.size + 1), 0.0)
+
+    def loss(v):
+        out = subject(v)
+        return ops.sum(ops.where(finite_out, out, 0.0) * weights)
+
+    return loss, weights
+
+
+@functools.cache
+def _reference_hessian(name, step=1e-4):
+    """Second central differences of `_loss(name)`; 0 in infinite inputs."""
+    subject = SUBJECTS[name]
+    _, weights = _loss(name)
+    _, finite_out = _reference_jacobian(name)
+    finite_in = np.isfinite(subject.v0)
+
+    def loss(v):
+        out = _evaluate(subject, v)
+        return float(np.sum(np.where(finite_out, out, 0.0) * weights))
+
+    x = np.where(finite_in, subject.v0, 0.0)
+    n = x.size
+    h = np.zeros((n, n))
+    for i in np.flatnonzero(finite_in):
+        for j in np.flatnonzero(finite_in):
+            if j < i:
+                continue
+            ei, ej = np.eye(n)[i] * step, np.eye(n)[j] * step
+            h[i, j] = h[j, i] = (
+                loss(x + ei + ej)
+                - loss(x + ei - ej)
+                - loss(x - ei + ej)
+                + loss(x - ei - ej)
+            ) / (4 * step**2)
+    return h
+
+
+@pytest.mark.parametrize("transform", FIRST_ORDER, ids=str)
+@pytest.mark.parametrize("name", SUBJECTS, ids=str)
+def test_first_derivatives_equal_central_differences(name, transform):
+    subject = SUBJECTS[name]
+    expected, finite_out = _reference_jacobian(name)
+    actual = to_numpy(FIRST_ORDER[transform](subject, subject.v0))
+    actual = actual.reshape(expected.shape)[finite_out]
+    assert np.all(np.isfinite(actual)), actual
+    np.testing.assert_allclose(actual, expected[finite_out], atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("transform", SECOND_ORDER, ids=str)
+@pytest.mark.parametrize("name", SUBJECTS, ids=str)
+def test_second_derivatives_equal_central_differences(name, transform):
+    loss, _ = _loss(name)
+    actual = to_numpy(SECOND_ORDER[transform](loss, SUBJECTS[name].v0))
+    assert np.all(np.isfinite(actual)), actual
+    np.testing.assert_allclose(actual, _reference_hessian(name), atol=1e-5, rtol=1e-5)
