@@ -59,13 +59,28 @@ def _ours_masked(x, m):
     return keras_softmax.stable_softmax(x, mask=m, temperature=0.7)
 
 
-def _gradient_of(fn):
+# A learned temperature, as StableSoftmax(trainable_temperature=True) holds.
+_LEARNED_T = tf.Variable(0.7)
+
+
+def _keras_learned():
+    layer = keras.layers.Softmax()
+    return lambda x, m: layer(x / _LEARNED_T, mask=m)
+
+
+def _ours_learned(x, m):
+    return keras_softmax.stable_softmax(x, mask=m, temperature=_LEARNED_T)
+
+
+def _gradient_of(fn, *variables):
+    """The gradient of sum(fn(x, ...) ** 2) in x, and in `variables`."""
+
     def gradient(*args):
         with tf.GradientTape() as tape:
             tape.watch(args[0])
             y = fn(*args)
             loss = tf.reduce_sum(y * y)
-        return tape.gradient(loss, args[0])
+        return tape.gradient(loss, [args[0], *variables])
 
     return gradient
 
@@ -148,6 +163,14 @@ def timing_cases():
             graph(_gradient_of(_ours_masked)),
             masked,
             graph(_gradient_of(_keras_masked())),
+            1.1,
+            (big, big_mask),
+        ),
+        (
+            "graph gradient, masked, learned T",
+            graph(_gradient_of(_ours_learned, _LEARNED_T)),
+            "keras.layers.Softmax()(x / t, mask)",
+            graph(_gradient_of(_keras_learned(), _LEARNED_T)),
             1.1,
             (big, big_mask),
         ),

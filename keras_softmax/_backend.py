@@ -34,6 +34,16 @@ def takes_fused_path(x) -> bool:
     return False
 
 
+def fused_attention_keeps(dtype: str) -> bool:
+    """Whether `keras.ops.dot_product_attention` keeps `dtype`'s precision here.
+
+    JAX's attention (0.10, which Keras' JAX backend calls) takes the softmax
+    of float64 scores in float32, so its float64 outputs and derivatives
+    are only float32-accurate.
+    """
+    return not (keras.backend.backend() == "jax" and dtype == "float64")
+
+
 def losses_read_logits() -> bool:
     """Whether Keras' cross-entropy losses read `_keras_logits` here.
 

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_softmax import _backend
 from keras_softmax import _checks
 from keras_softmax.softmax import stable_softmax
 
@@ -187,7 +188,9 @@ def attend(
         temperature = 1.0
     dtype = _logits_dtype(query)
     live = None if keep is None else ops.any(keep, axis=-1, keepdims=True)
-    fused = not return_weights and dropout is None
+    fused = (
+        not return_weights and dropout is None and _backend.fused_attention_keeps(dtype)
+    )
     if foldable:
         additive = bias
         if keep is not None:

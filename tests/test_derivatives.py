@@ -99,9 +99,7 @@ def _attention_subjects():
         for t in (1.0, 0.5)
     } | {
         "dot_product_attention, tensor T": Subject(
-            lambda q, k, v, t: dot_product_attention(
-                q, k, v, mask=mask, temperature=t
-            ),
+            lambda q, k, v, t: dot_product_attention(q, k, v, mask=mask, temperature=t),
             q,
             k,
             v,
@@ -228,3 +226,127 @@ def test_second_derivatives_equal_central_differences(name, transform):
     actual = to_numpy(SECOND_ORDER[transform](loss, SUBJECTS[name].v0))
     assert np.all(np.isfinite(actual)), actual
     np.testing.assert_allclose(actual, _reference_hessian(name), atol=1e-5, rtol=1e-5)
+
+
+# JAX's own softmax tests (tests/nn_test.py, which the wheel does not ship),
+# ported to our names: `where=` is our `mask=`. `check_grads` checks forward
+# and reverse mode, to the order given, against finite differences.
+needs_jax = pytest.mark.skipif(BACKEND != "jax", reason="JAX's tests use JAX's API")
+
+
+@needs_jax
+@pytest.mark.parametrize("fn", [stable_softmax, stable_log_softmax])
+def test_jax_softmax_grad_case_passes_in_both_modes(fn):
+    import jax.numpy as jnp
+    from jax.test_util import check_grads
+
+    x = jnp.array([5.5, 1.3, -4.2, 0.9])
+    check_grads(fn, (x,), order=2, atol=3e-3)
+
+
+@needs_jax
+@pytest.mark.parametrize("fn", [stable_softmax, stable_log_softmax])
+def test_jax_softmax_where_mask_case_passes_in_both_modes(fn):
+    import jax.numpy as jnp
+    from jax.test_util import check_grads
+
+    x = jnp.array([5.5, 1.3, -4.2, 0.9])
+    m = jnp.array([True, False, True, True])
+    out = fn(x, mask=m)
+    np.testing.assert_allclose(out[m], fn(x[m]), rtol=1e-6)
+    probs = out if fn is stable_softmax else jnp.exp(out)
+    np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-6)
+    # JAX runs this part for its softmax only, since its log-softmax has no
+    # derivative rule that passes; ours passes it too.
+    kept = jnp.array([0, 2, 3])
+    check_grads(lambda x: jnp.take(fn(x, mask=m), kept), (x,), order=2)
+
+
+@needs_jax
+@pytest.mark.parametrize("fn", [stable_softmax, stable_log_softmax])
+def test_jax_softmax_where_grad_case_gives_zero_beside_a_huge_masked_logit(fn):
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.array([36.0, 10000.0])
+    mask = x < 1000
+    gradient = jax.grad(lambda x: fn(x, mask=mask)[0])(x)
+    np.testing.assert_array_equal(gradient, jnp.zeros_like(x))
+
+
+def _arrivals():
+    """Ways a value reaches us here: name -> reverse gradient of `loss(*values)`."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        def through(make, read):
+            def gradient(loss, values):
+                arrived = [make(v) for v in values]
+                with tf.GradientTape() as tape:
+                    result = loss(*arrived)
+                return [
+                    g.numpy() for g in tape.gradient(result, [read(a) for a in arrived])
+                ]
+
+            return gradient
+
+        return {
+            "tf.Variable": through(tf.Variable, lambda a: a),
+            "keras.Variable": through(keras.Variable, lambda a: a.value),
+        }
+    if BACKEND == "jax":
+        import jax
+
+        def array(loss, values):
+            return jax.grad(loss, argnums=(0, 1))(*map(jax.numpy.asarray, values))
+
+        def variable(loss, values):
+            # How Keras' JAX trainer differentiates its variables.
+            variables = [keras.Variable(v) for v in values]
+
+            def stateless(*traced):
+                with keras.StatelessScope(
+                    state_mapping=list(zip(variables, traced, strict=True))
+                ):
+                    return loss(*variables)
+
+            return jax.grad(stateless, argnums=(0, 1))(*[v.value for v in variables])
+
+        return {"JAX array": array, "keras.Variable": variable}
+    import torch
+
+    def through(make, read):
+        def gradient(loss, values):
+            arrived = [make(v) for v in values]
+            loss(*arrived).backward()
+            return [read(a).grad.numpy() for a in arrived]
+
+        return gradient
+
+    return {
+        "torch.nn.Parameter": through(
+            lambda v: torch.nn.Parameter(torch.tensor(v)), lambda a: a
+        ),
+        "keras.Variable": through(keras.Variable, lambda a: a.value),
+    }
+
+
+ARRIVALS = _arrivals()
+
+
+@pytest.mark.parametrize("arrival", ARRIVALS, ids=str)
+def test_derivatives_reach_logits_and_temperature_however_they_arrive(arrival):
+    # The issue's case: a variable fed directly, with a mask, under a tape.
+    name = "softmax, masked, tensor T per row"
+    jacobian, finite_out = _reference_jacobian(name)
+    weights = np.arange(1.0, finite_out.size + 1)
+    expected = weights @ jacobian
+
+    def loss(x, t):
+        out = stable_softmax(x, mask=MASK, temperature=t)
+        return ops.sum(ops.reshape(out, (-1,)) * weights)
+
+    x_grad, t_grad = ARRIVALS[arrival](loss, [LOGITS, ROW_TEMPERATURES])
+    actual = np.concatenate([np.ravel(x_grad), np.ravel(t_grad)])
+    assert np.all(np.isfinite(actual))
+    np.testing.assert_allclose(actual, expected, atol=1e-7, rtol=1e-6)
