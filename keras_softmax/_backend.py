@@ -37,11 +37,11 @@ def takes_fused_path(x) -> bool:
 def fused_attention_keeps(dtype: str) -> bool:
     """Whether `keras.ops.dot_product_attention` keeps `dtype`'s precision here.
 
-    JAX's attention (0.10, which Keras' JAX backend calls) takes the softmax
-    of float64 scores in float32, so its float64 outputs and derivatives
-    are only float32-accurate.
+    On JAX and PyTorch it returns float32 for float64 inputs (Keras 3.15;
+    JAX 0.10's own attention also takes the softmax in float32), so float64
+    outputs and derivatives would be only float32-accurate.
     """
-    return not (keras.backend.backend() == "jax" and dtype == "float64")
+    return not (keras.backend.backend() in ("jax", "torch") and dtype == "float64")
 
 
 def losses_read_logits() -> bool:

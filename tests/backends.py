@@ -88,13 +88,18 @@ def _basis(n):
     return np.eye(n)
 
 
+def _outputs(f, x):
+    """How many outputs `f` has at `x`."""
+    return int(np.prod(tuple(f(x).shape)))
+
+
 def _tensorflow_transforms():
     import tensorflow as tf
 
     def tape_rows(f, v):
         x = tf.constant(v)
         rows = []
-        for u in _basis(int(np.size(f(x)))):
+        for u in _basis(_outputs(f, x)):
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 out = f(x)
@@ -178,7 +183,7 @@ def _jax_transforms():
         def row(u):
             return jax.grad(lambda x: jnp.vdot(u, f(x)))(v)
 
-        return jax.vmap(row)(jnp.asarray(_basis(int(np.size(f(v))))))
+        return jax.vmap(row)(jnp.asarray(_basis(_outputs(f, v))))
 
     def columns_by_vmap_jvp(f, v):
         def column(e):
@@ -216,7 +221,7 @@ def _torch_transforms():
         if compile:
             compiled_fn = compiled(f)
         rows = []
-        for u in _basis(int(np.size(f(torch.tensor(v)).detach()))):
+        for u in _basis(_outputs(f, torch.tensor(v))):
             x = torch.tensor(v, requires_grad=True)
             out = (compiled_fn if compile else f)(x)
             (out * torch.tensor(u)).sum().backward()
@@ -228,7 +233,7 @@ def _torch_transforms():
         for e in _basis(v.size):
             with fwAD.dual_level():
                 x = fwAD.make_dual(torch.tensor(v), torch.tensor(e))
-                columns.append(fwAD.unpack_dual(f(x)).tangent.numpy())
+                columns.append(fwAD.unpack_dual(f(x)).tangent.detach().numpy())
         return np.stack(columns, axis=1)
 
     def functional(name, **options):
@@ -243,7 +248,7 @@ def _torch_transforms():
         def row(u):
             return func.grad(lambda x: (u * f(x)).sum())(torch.tensor(v))
 
-        basis = torch.tensor(_basis(int(np.size(f(torch.tensor(v)).detach()))))
+        basis = torch.tensor(_basis(_outputs(f, torch.tensor(v))))
         return func.vmap(row)(basis)
 
     def double_backward(f, v):

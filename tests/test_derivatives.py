@@ -174,7 +174,7 @@ def _loss(name):
 
     def loss(v):
         out = subject(v)
-        return ops.sum(ops.where(finite_out, out, 0.0) * weights)
+        return ops.sum(ops.where(finite_out, out, 0.0) * ops.convert_to_tensor(weights))
 
     return loss, weights
 
@@ -344,7 +344,7 @@ def test_derivatives_reach_logits_and_temperature_however_they_arrive(arrival):
 
     def loss(x, t):
         out = stable_softmax(x, mask=MASK, temperature=t)
-        return ops.sum(ops.reshape(out, (-1,)) * weights)
+        return ops.sum(ops.reshape(out, (-1,)) * ops.convert_to_tensor(weights))
 
     x_grad, t_grad = ARRIVALS[arrival](loss, [LOGITS, ROW_TEMPERATURES])
     actual = np.concatenate([np.ravel(x_grad), np.ravel(t_grad)])
