@@ -323,9 +323,12 @@ def _exact(x, axis, keep, t, log):
     # max is inf.
     largest = _constant(float(np.finfo(dtype).max), dtype)
     shift = ops.clip(top, -largest, largest)
-    # Infinite and NaN logits are clipped before any selection; the NaN and
-    # +inf still reach the poison below.
-    valid = z != -math.inf  # NaNs too: they carry themselves to the slice
+    # Compared with the lowest float, not with -inf, which LiteRT's converter
+    # would turn into the lowest float. NaN is not valid: the poison below
+    # carries it. Infinite logits are clipped before any selection.
+    valid = ops.greater_equal(x, -largest)
+    if keep is not None:
+        valid = ops.logical_and(keep, valid)
     logits = _shifted_logits(ops.clip(z, -largest, largest), shift, t, valid)
     kept = ops.cast(valid, dtype)
     exps = ops.exp(logits) * kept
@@ -341,10 +344,9 @@ def _exact(x, axis, keep, t, log):
     poison = _nan_where_infinite(ops.relu(top))
     if t is not None:
         poison = poison + _nan_where_infinite(t)
-    if keep is not None:
-        # A masked NaN; isnan, as some runtimes' max skips NaN.
-        any_nan = ops.any(ops.isnan(x), axis=axis, keepdims=True)
-        poison = poison + ops.cast(ops.where(any_nan, math.nan, 0.0), dtype)
+    # A NaN, masked or not; isnan, as some runtimes' max skips NaN.
+    any_nan = ops.any(ops.isnan(x), axis=axis, keepdims=True)
+    poison = poison + ops.cast(ops.where(any_nan, math.nan, 0.0), dtype)
     return outputs + poison
 
 
