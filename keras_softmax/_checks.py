@@ -34,7 +34,7 @@ def to_compute_dtype(x) -> Logits:
     dtype; integer and bool inputs are computed and returned in
     `keras.config.floatx()`.
     """
-    x = ops.convert_to_tensor(x)
+    x = _backend.to_tensor(x)
     dtype = output_dtype(x.dtype)
     if dtype in _FULL_DTYPES and keras.backend.standardize_dtype(x.dtype) == dtype:
         return Logits(x, dtype)
@@ -152,7 +152,7 @@ def to_temperature(temperature, x, axis):
             f"`temperature` must be a positive finite number or a tensor. "
             f"Received: temperature={temperature!r}"
         )
-    t = ops.cast(ops.convert_to_tensor(temperature), x.dtype)
+    t = ops.cast(_backend.to_tensor(temperature), x.dtype)
     check_temperature_shape(t.shape, x.shape, axis)
     if _backend.is_concrete(t):
         values = _backend.read(t)

@@ -189,19 +189,19 @@ def _fused(x, axis, keep, t, log, t_varies):
 
     dtype = keras.backend.standardize_dtype(x.dtype)
     largest = float(np.finfo(dtype).max)
-    if keep is None or log:
-        # Log-probabilities of masked positions must be -inf themselves.
-        z = x if keep is None else ops.where(keep, x, -math.inf)
+    if keep is None:
+        z = x
         top = _backend.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
         # NaN for a NaN (the maxima propagate it), +inf or -inf (nothing
         # kept) maximum: 0 * inf is NaN.
         check = _nan_where_infinite(top)
     else:
-        # Probabilities carry their logits to Keras' losses, which need them
-        # finite (0 * -inf is NaN in TensorFlow's fused cross-entropy): a
-        # finite fill, far enough below every kept slice maximum that exp
+        # A finite fill, far enough below every kept slice maximum that exp
         # flushes it to 0, and small enough that shifted and tempered it
-        # stays finite too.
+        # stays finite too: Keras' losses read the logits of probabilities
+        # (0 * -inf is NaN in TensorFlow's fused cross-entropy), and every
+        # logit stays finite for the derivatives (log-probabilities get
+        # their -inf afterwards).
         fill = _constant(-largest / 2, dtype)
         if t is not None:
             # A constant as far as derivatives go: masked positions have none.
@@ -223,14 +223,53 @@ def _fused(x, axis, keep, t, log, t_varies):
     # With T = 1 the kernel shifts by the maximum itself.
     logits = z if t is None else _tempered(z - top, t, t_varies, keep)
     return _fused_kernel(
-        logits, axis, lambda fast: check, lambda: _exact(x, axis, keep, t, log), log
+        logits,
+        axis,
+        lambda fast: check,
+        lambda: _exact(x, axis, keep, t, log),
+        log,
+        keep,
     )
 
 
-def _fused_kernel(logits, axis, witness, exact, log):
-    """The fused softmax of `logits`, or `exact()` if `witness` holds a NaN."""
-    fast = ops.log_softmax(logits, axis) if log else ops.softmax(logits, axis)
-    return _Result(_backend.cond_no_nan(witness(fast), lambda: fast, exact), logits)
+def _fused_kernel(logits, axis, witness, exact, log, keep=None):
+    """The fused softmax of `logits`, or `exact()` if `witness` holds a NaN.
+
+    `keep` marks the positions whose log-probabilities are kept; the others
+    become -inf.
+    """
+
+    def forward(logits):
+        if log:
+            fast = ops.log_softmax(logits, axis)
+            if keep is not None:
+                fast = ops.where(keep, fast, -math.inf)
+        else:
+            fast = ops.softmax(logits, axis)
+        return _backend.cond_no_nan(witness(fast), lambda: fast, exact)
+
+    def backward(logits, outputs):
+        return lambda upstream: (_softmax_vjp(outputs, upstream, axis, log),)
+
+    return _Result(_backend.with_reverse_rule(forward, backward, logits), logits)
+
+
+def _softmax_vjp(outputs, upstream, axis, log):
+    """The softmax's (or log-softmax's) reverse-mode derivative at `outputs`.
+
+    The same as the backends' own; as a rule it spares TensorFlow the
+    derivative of the branch. Zero at masked positions and in slices with
+    nothing kept, and finite wherever the outputs are.
+    """
+    if log:
+        # Positions at -inf are constants: their upstream is dropped, and
+        # 0 stands in for them inside exp, whose derivative there would
+        # otherwise multiply 0 by the -inf position's own (second order).
+        live = outputs > -math.inf
+        upstream = ops.where(live, upstream, 0.0)
+        probabilities = ops.exp(ops.where(live, outputs, 0.0))
+        return ops.where(live, upstream - probabilities * _sum(upstream, axis), 0.0)
+    return outputs * (upstream - _sum(upstream * outputs, axis))
 
 
 def _tempered(shifted, t, t_varies, keep):
@@ -243,6 +282,8 @@ def _tempered(shifted, t, t_varies, keep):
     """
     if not t_varies:
         return shifted / t
+    if _backend.has_reverse_rules():
+        return _backend.with_reverse_rule(_divide, _division_vjp, shifted, t)
     free = shifted > -math.inf
     if keep is not None:
         free = ops.logical_and(keep, free)
@@ -251,6 +292,27 @@ def _tempered(shifted, t, t_varies, keep):
         ops.where(free, shifted, 0.0) / t,
         shifted / ops.stop_gradient(t),
     )
+
+
+def _divide(shifted, t):
+    return shifted / t
+
+
+def _division_vjp(shifted, t, logits):
+    """The reverse-mode derivative of `shifted / t`, finite beside -inf.
+
+    Where `shifted` is -inf its logit is a constant; 0 stands in for it, so
+    that the rule's own derivatives (forward mode, second order) are finite.
+    Masked positions get an upstream of 0 from the softmax.
+    """
+
+    def vjp(upstream):
+        finite = ops.where(shifted > -math.inf, shifted, 0.0)
+        # Divided twice rather than by t * t, which may overflow.
+        t_grad = -_sum_to_shape(upstream * finite, t.shape) / t / t
+        return upstream / t, t_grad
+
+    return vjp
 
 
 def _compiled(x, axis, keep, t, log):
@@ -335,8 +397,9 @@ def _exact(x, axis, keep, t, log):
     total = _sum(exps, axis)
     total = ops.where(total > 0, total, 1.0)
     if log:
-        # log(0) puts the -inf of invalid positions in without a selection.
-        outputs = (logits - ops.log(total)) * kept + ops.log(kept)
+        # log(0) puts the -inf of invalid positions in without a selection
+        # (a constant: its derivative, 1 / 0, is never taken).
+        outputs = (logits - ops.log(total)) * kept + ops.stop_gradient(ops.log(kept))
     else:
         outputs = exps / total
     # NaN for the whole slice when it holds +inf (0 * inf) or any NaN, and
@@ -374,6 +437,20 @@ def _sum(x, axis):
     """
     for a in axis if isinstance(axis, tuple) else (axis,):
         x = ops.sum(x, axis=a, keepdims=True)
+    return x
+
+
+def _sum_to_shape(x, shape):
+    """Sums `x` down to `shape`, which broadcasts to it: a gradient's reverse."""
+    shape = tuple(shape)
+    extra = len(x.shape) - len(shape)
+    if extra:
+        x = ops.sum(x, axis=tuple(range(extra)))
+    broadcast = tuple(
+        i for i, size in enumerate(shape) if size == 1 and x.shape[i] != 1
+    )
+    if broadcast:
+        x = ops.sum(x, axis=broadcast, keepdims=True)
     return x
 
 
