@@ -16,12 +16,14 @@ same result:
 
 Both shift by the slice maximum before they divide by the temperature.
 
-Neither has a custom gradient. Every intermediate is finite wherever a
-derivative is taken (a masked or -inf position gets a logit of 0 whose
-exp is discarded, and a derivative of exactly 0), so each backend's own
-autodiff gives exact and finite derivatives in every mode and to every
-order: reverse and forward, Jacobians and Hessians, `vmap`, `torch.func`,
-for tensors and variables alike.
+Every intermediate is finite wherever a derivative is taken (a masked or
+-inf position stands in with a finite logit whose exp is discarded, and a
+derivative of exactly 0), so each backend's own autodiff gives exact and
+finite derivatives in every mode and to every order: reverse and forward,
+Jacobians and Hessians, `vmap`, `torch.func`, for tensors and variables
+alike. On TensorFlow the fused path adds reverse-mode rules
+(`_backend.with_reverse_rule`) that spare a gradient the derivative of its
+branch; they are written so that TensorFlow can differentiate them again.
 """
 
 import math
