@@ -11,6 +11,7 @@ if _quiet.entry_point_running():
 from keras_softmax import calibration  # noqa: E402
 from keras_softmax.attention import dot_product_attention  # noqa: E402
 from keras_softmax.layer import StableSoftmax  # noqa: E402
+from keras_softmax.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from keras_softmax.multi_head_attention import StableMultiHeadAttention  # noqa: E402
 from keras_softmax.registration import register_activations  # noqa: E402
 from keras_softmax.softmax import stable_log_softmax  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "StableSoftmax",
     "calibration",
     "dot_product_attention",
+    "linear_cross_entropy",
     "stable_log_softmax",
     "stable_softmax",
 ]

@@ -96,6 +96,20 @@ def reduce_max(x, axis=None, keepdims=False):
     return keras.ops.amax(x, axis=axis, keepdims=keepdims)
 
 
+def matmul(a, b):
+    """`keras.ops.matmul`, in float64 where the inputs are.
+
+    Keras' PyTorch backend (3.15) computes the product of two float64
+    tensors in float32 (its `result_type` of two torch float64 dtypes is
+    float32).
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.matmul(a, b)
+    return keras.ops.matmul(a, b)
+
+
 def read(tensor) -> np.ndarray:
     """A concrete tensor's values as a NumPy array.
 
@@ -225,6 +239,122 @@ def with_reverse_rule(forward, backward, *inputs):
         return outputs, grad
 
     return rule(*inputs)
+
+
+def scan(step, carry, xs):
+    """`keras.ops.scan`, whose outputs may differ from the carry in shape.
+
+    `step(carry, x)` returns `(carry, y)`; `xs` and `y` are tuples of
+    tensors. Keras' TensorFlow scan (3.15) shapes its outputs like its
+    carry, so TensorFlow runs a `tf.while_loop` over TensorArrays here;
+    JAX runs `lax.scan`, PyTorch a loop. One step's tensors live at a time.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.lax.scan(step, carry, xs)
+    length = int(xs[0].shape[0])
+    if backend != "tensorflow":
+        ys = []
+        for i in range(length):
+            carry, y = step(carry, tuple(x[i] for x in xs))
+            ys.append(y)
+        return carry, tuple(keras.ops.stack(parts) for parts in zip(*ys, strict=True))
+    import tensorflow as tf
+
+    inputs = [tf.TensorArray(x.dtype, size=length).unstack(x) for x in xs]
+    # The outputs' shapes from one traced step.
+    _, first = step(carry, tuple(x[0] for x in xs))
+    outputs = [
+        tf.TensorArray(y.dtype, size=length, element_shape=y.shape) for y in first
+    ]
+
+    def body(i, carry, outputs):
+        carry, y = step(carry, tuple(x.read(i) for x in inputs))
+        return i + 1, carry, [o.write(i, v) for o, v in zip(outputs, y, strict=True)]
+
+    # One step at a time: TensorFlow would otherwise run ten side by side,
+    # each with its own temporaries.
+    _, carry, outputs = tf.while_loop(
+        lambda i, *_: i < length, body, (0, carry, outputs), parallel_iterations=1
+    )
+    return carry, tuple(o.stack() for o in outputs)
+
+
+def custom_vjp(forward, backward):
+    """A function whose reverse-mode derivative is `backward`, on every backend.
+
+    `forward(*inputs)` returns `(outputs, saved)`, `saved` a tuple of
+    tensors; `backward(inputs, saved, upstream)` returns one gradient per
+    input (None for an integer or bool input). For kernels that must not
+    keep what autodiff would (a large vocabulary's logits): TensorFlow's
+    `tf.custom_gradient`, JAX's `jax.custom_vjp` (reverse mode, `vmap`),
+    and a PyTorch `autograd.Function` in the form `torch.func` accepts
+    (`setup_context`, a generated vmap rule).
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        from tensorflow.python.eager import record
+
+        def run_tf(*inputs):
+            @tf.custom_gradient
+            def rule(*inputs):
+                # Unrecorded: a tape would make the loops inside keep every
+                # step's intermediates for a derivative the rule replaces.
+                with record.stop_recording():
+                    outputs, saved = forward(*inputs)
+
+                def grad(upstream):
+                    return list(backward(inputs, saved, upstream))
+
+                return outputs, grad
+
+            return rule(*(to_tensor(x) for x in inputs))
+
+        return run_tf
+    if backend == "jax":
+        import jax
+
+        @jax.custom_vjp
+        def rule(*inputs):
+            return forward(*inputs)[0]
+
+        def rule_forward(*inputs):
+            outputs, saved = forward(*inputs)
+            return outputs, (inputs, saved)
+
+        def rule_backward(residuals, upstream):
+            inputs, saved = residuals
+            return tuple(backward(inputs, saved, upstream))
+
+        rule.defvjp(rule_forward, rule_backward)
+        return rule
+    import torch
+
+    class Rule(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*inputs):
+            outputs, saved = forward_fn(*inputs)
+            return (outputs, *saved)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.count = len(inputs)
+            ctx.save_for_backward(*inputs, *output[1:])
+            ctx.mark_non_differentiable(*output[1:])
+
+        @staticmethod
+        def backward(ctx, upstream, *unused):
+            tensors = ctx.saved_tensors
+            inputs, saved = tensors[: ctx.count], tensors[ctx.count :]
+            return tuple(backward(inputs, saved, upstream))
+
+    forward_fn = forward
+    return lambda *inputs: Rule.apply(*inputs)[0]
 
 
 def may_differentiate(tensor) -> bool:

@@ -284,6 +284,24 @@ def _torch_transforms():
     return first, second
 
 
+# The first-order transforms that run in reverse mode only: all that a
+# custom reverse rule (tf.custom_gradient, jax.custom_vjp, an
+# autograd.Function) supports.
+REVERSE_MODE = {
+    "GradientTape.gradient",
+    "GradientTape.jacobian",
+    "tf.function GradientTape.jacobian",
+    "XLA GradientTape.jacobian",
+    "jax.jacrev",
+    "jax.vmap(jax.grad)",
+    "jax.vjp",
+    "backward",
+    "autograd.functional.jacobian",
+    "torch.func.jacrev",
+    "torch.func.vmap(torch.func.grad)",
+    "torch.compile backward",
+}
+
 FIRST_ORDER, SECOND_ORDER = {
     "tensorflow": _tensorflow_transforms,
     "jax": _jax_transforms,

@@ -1,0 +1,265 @@
+"""The large-vocabulary cross-entropy: exact, Keras' reductions, bounded memory.
+
+Its derivatives in the inputs, kernel, bias and temperature are checked by
+every reverse-mode transform in tests/test_derivatives.py.
+"""
+
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from backends import BACKEND
+from backends import compiled
+from backends import gradient
+from backends import traced
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import to_numpy
+
+from keras_softmax import linear_cross_entropy
+from keras_softmax._fresh_process import check_python
+
+
+def reference_losses(
+    labels,
+    inputs,
+    kernel,
+    bias=None,
+    temperature=1.0,
+    logit_soft_cap=None,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    ignore_class=None,
+):
+    """The per-position losses in float64, from the materialised logits."""
+    h, w = np.asarray(inputs, np.float64), np.asarray(kernel, np.float64)
+    logits = h @ w + (0.0 if bias is None else np.asarray(bias, np.float64))
+    if logit_soft_cap is not None:
+        logits = logit_soft_cap * np.tanh(logits / logit_soft_cap)
+    top = logits.max(-1, keepdims=True)
+    z = (logits - top) / temperature
+    log_total = np.log(np.exp(z).sum(-1))
+    labels = np.asarray(labels)
+    valid = (
+        np.ones(labels.shape, bool) if ignore_class is None else labels != ignore_class
+    )
+    picked = np.take_along_axis(z, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+    lse = top[..., 0] / temperature + log_total
+    loss = (1 - label_smoothing) * (log_total - picked)
+    loss += label_smoothing * (log_total - z.mean(-1)) + z_loss * lse**2
+    return np.where(valid, loss, 0.0)
+
+
+def _problem(n=7, depth=5, vocabulary=11, seed=0, scale=1.0, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.integers(0, vocabulary, size=n),
+        (rng.normal(size=(n, depth)) * scale).astype(dtype),
+        rng.normal(size=(depth, vocabulary)).astype(dtype),
+        rng.normal(size=(vocabulary,)).astype(dtype),
+    )
+
+
+OPTIONS = {
+    "plain": {},
+    "T = 0.6": dict(temperature=0.6),
+    "soft cap": dict(logit_soft_cap=2.5),
+    "smoothing and z-loss": dict(label_smoothing=0.2, z_loss=1e-3),
+    "ignored class": dict(ignore_class=3),
+    "everything": dict(
+        temperature=1.7, logit_soft_cap=5.0, label_smoothing=0.1, z_loss=1e-2
+    ),
+}
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 7])
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_every_loss_is_within_2e_6_of_the_float64_reference(options, chunk_size):
+    labels, h, w, b = _problem()
+    labels[:2] = 3  # so that an ignored class ignores something
+    kwargs = OPTIONS[options]
+    actual = to_numpy(
+        linear_cross_entropy(
+            labels, h, w, b, reduction=None, chunk_size=chunk_size, **kwargs
+        )
+    )
+    expected = reference_losses(labels, h, w, b, **kwargs)
+    np.testing.assert_allclose(actual, expected, rtol=2e-6, atol=1e-7)
+
+
+@given(
+    st.integers(1, 9),
+    st.integers(1, 6),
+    st.integers(2, 40),
+    st.integers(1, 9),
+    st.floats(0.3, 3.0),
+    st.sampled_from([None, 1.5, 30.0]),
+)
+def test_losses_match_the_reference_for_any_shape_and_chunk(
+    n, depth, vocabulary, chunk, temperature, cap
+):
+    labels, h, w, b = _problem(n, depth, vocabulary, seed=n * 100 + vocabulary)
+    kwargs = dict(temperature=temperature, logit_soft_cap=cap)
+    actual = to_numpy(
+        linear_cross_entropy(
+            labels, h, w, b, reduction=None, chunk_size=chunk, **kwargs
+        )
+    )
+    np.testing.assert_allclose(
+        actual, reference_losses(labels, h, w, b, **kwargs), rtol=2e-6, atol=1e-6
+    )
+
+
+def test_logits_in_the_hundreds_at_a_vocabulary_of_262144_stay_exact():
+    labels, h, w, b = _problem(n=3, depth=4, vocabulary=262144, scale=60.0)
+    actual = to_numpy(linear_cross_entropy(labels, h, w, b, reduction=None))
+    expected = reference_losses(labels, h, w, b)
+    assert np.max(np.abs(h @ w)) > 100
+    np.testing.assert_allclose(actual, expected, rtol=2e-6)
+
+
+@pytest.mark.parametrize("ignore_class", [None, 3])
+def test_default_reduction_equals_keras_sparse_cross_entropy_on_the_logits(
+    ignore_class,
+):
+    labels, h, w, b = _problem()
+    labels[:2] = 3
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=ignore_class
+    )
+    logits = keras.ops.matmul(h, w) + b
+    expected = float(to_numpy(keras_loss(labels, logits)))
+    actual = float(
+        to_numpy(linear_cross_entropy(labels, h, w, b, ignore_class=ignore_class))
+    )
+    np.testing.assert_allclose(actual, expected, rtol=2e-6)
+
+
+def test_reductions_sum_mean_and_none_keep_their_meaning():
+    labels, h, w, b = _problem(n=6)
+    labels = labels.reshape(2, 3)
+    h3 = h.reshape(2, 3, -1)
+    per_position = to_numpy(linear_cross_entropy(labels, h3, w, b, reduction=None))
+    assert per_position.shape == (2, 3)
+    total = to_numpy(linear_cross_entropy(labels, h3, w, b, reduction="sum"))
+    mean = to_numpy(linear_cross_entropy(labels, h3, w, b, reduction="mean"))
+    np.testing.assert_allclose(total, per_position.sum(), rtol=1e-6)
+    np.testing.assert_allclose(mean, per_position.mean(), rtol=1e-6)
+
+
+def test_ignored_positions_contribute_nothing_and_an_all_ignored_batch_is_zero():
+    labels, h, w, b = _problem()
+    ignored = np.full_like(labels, 4)
+    loss = to_numpy(linear_cross_entropy(ignored, h, w, b, ignore_class=4))
+    assert loss == 0.0
+    grad = gradient(
+        lambda v: linear_cross_entropy(labels, v, w, b, ignore_class=labels[0]), h
+    )
+    np.testing.assert_array_equal(grad[labels == labels[0]], 0.0)
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    labels, h, w, b = _problem()
+    half = [a.astype("float16") for a in (h, w, b)]
+    actual = to_numpy(linear_cross_entropy(labels, *half, reduction=None))
+    expected = reference_losses(labels, *(a.astype(np.float64) for a in half))
+    assert actual.dtype == np.float32
+    np.testing.assert_allclose(actual, expected, rtol=2e-6)
+
+
+@pytest.mark.parametrize("mode", [traced, compiled], ids=lambda m: m.__name__)
+def test_traced_and_compiled_calls_give_the_eager_losses(mode):
+    labels, h, w, b = _problem()
+    fn = mode(
+        lambda h, w, b: linear_cross_entropy(
+            labels, h, w, b, reduction=None, chunk_size=3
+        )
+    )
+    tensors = [keras.ops.convert_to_tensor(a) for a in (h, w, b)]
+    np.testing.assert_allclose(
+        to_numpy(fn(*tensors)), reference_losses(labels, h, w, b), rtol=2e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(labels=[0, 11]), "a label of 11"),
+        (dict(labels=[0, -1]), "a label of -1"),
+        (dict(labels=[0, 1, 2]), "labels.shape=\\(3,\\)"),
+        (dict(kernel=np.ones((4, 11), "float32")), "kernel.shape=\\(4, 11\\)"),
+        (dict(bias=np.ones(10, "float32")), "bias.shape=\\(10,\\)"),
+        (dict(temperature=0.0), "temperature=0.0"),
+        (dict(temperature=-2), "temperature=-2"),
+        (dict(logit_soft_cap=-1.0), "logit_soft_cap=-1.0"),
+        (dict(label_smoothing=1.5), "label_smoothing=1.5"),
+        (dict(z_loss=-0.1), "z_loss=-0.1"),
+        (dict(reduction="average"), "reduction='average'"),
+        (dict(chunk_size=0), "chunk_size=0"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_the_value(kwargs, message):
+    _, h, w, b = _problem(n=2)
+    arguments = dict(labels=[0, 1], inputs=h, kernel=w, bias=b) | kwargs
+    with pytest.raises(ValueError, match=message):
+        linear_cross_entropy(
+            arguments.pop("labels"),
+            arguments.pop("inputs"),
+            arguments.pop("kernel"),
+            arguments.pop("bias"),
+            **arguments,
+        )
+
+
+def test_a_label_known_bad_only_at_run_time_gives_nan_not_a_loss():
+    labels, h, w, b = _problem(n=3)
+    fn = compiled(lambda y: linear_cross_entropy(y, h, w, b, reduction=None))
+    losses = to_numpy(fn(keras.ops.convert_to_tensor(np.array([0, 11, 2], "int32"))))
+    assert np.isnan(losses[1]) and np.all(np.isfinite(losses[[0, 2]]))
+
+
+def test_a_training_step_never_holds_the_tokens_by_vocabulary_logits():
+    # One step (loss and gradients) at 4096 tokens by 32768 classes, in a
+    # fresh process: the logits alone would be 512 MiB.
+    code = f"""
+        import resource, keras, numpy as np
+        from keras_softmax import linear_cross_entropy
+        backend = {BACKEND!r}
+        n, d, v = 4096, 64, 32768
+        rng = np.random.default_rng(0)
+        h = rng.normal(size=(n, d)).astype("float32")
+        w = (rng.normal(size=(d, v)) / 8).astype("float32")
+        y = rng.integers(0, v, size=n)
+        def loss(h, w):
+            return linear_cross_entropy(y[: h.shape[0]], h, w, chunk_size=256)
+        if backend == "tensorflow":
+            import tensorflow as tf
+            h, w = tf.constant(h), tf.Variable(w)
+            @tf.function
+            def step(h):
+                with tf.GradientTape() as tape:
+                    tape.watch(h)
+                    value = loss(h, w)
+                return tape.gradient(value, [h, w])
+        elif backend == "jax":
+            import jax
+            step = jax.jit(lambda h: jax.grad(loss, argnums=(0, 1))(h, w))
+        else:
+            import torch
+            w = torch.tensor(w, requires_grad=True)
+            def step(h):
+                h = torch.tensor(h, requires_grad=True)
+                loss(h, w).backward()
+                return h.grad, w.grad
+        step(h[:512])  # trace and warm up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        grads = step(h)
+        float(keras.ops.convert_to_numpy(keras.ops.sum(grads[0])))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) * 1024 / (n * v * 4))
+    """
+    extra = float(check_python("-c", textwrap.dedent(code)).split()[-1])
+    # The kernel's gradient is 1/16 of the logits' size, a chunk's
+    # temporaries a few 1/16ths; the logits would be 1.0 at least.
+    assert extra < 0.5, f"extra peak {extra:.2f} x the logits"
