@@ -17,6 +17,8 @@ from backends import BACKEND
 from backends import FIRST_ORDER
 from backends import REVERSE_MODE
 from backends import SECOND_ORDER
+from backends import compiled
+from backends import traced
 from reference import numerical_jacobian
 from reference import to_numpy
 
@@ -203,7 +205,14 @@ def _reference_jacobian(name):
 def _evaluate(subject, v):
     """`subject` at `v` as NumPy, its infinite inputs held as they are."""
     v = np.where(np.isfinite(subject.v0), v, subject.v0)
-    return to_numpy(subject(ops.convert_to_tensor(v)))
+    return to_numpy(_fast(subject)(ops.convert_to_tensor(v)))
+
+
+@functools.cache
+def _fast(subject):
+    """`subject` traced (TensorFlow) or jitted (JAX) for the many evaluations
+    that central differences take; PyTorch runs it eagerly, fast already."""
+    return compiled(subject) if BACKEND == "jax" else traced(subject)
 
 
 def _loss(name):
