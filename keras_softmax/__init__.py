@@ -10,6 +10,7 @@ if _quiet.entry_point_running():
 
 from keras_softmax import calibration  # noqa: E402
 from keras_softmax.attention import dot_product_attention  # noqa: E402
+from keras_softmax.head import StableSoftmaxHead  # noqa: E402
 from keras_softmax.layer import StableSoftmax  # noqa: E402
 from keras_softmax.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from keras_softmax.multi_head_attention import StableMultiHeadAttention  # noqa: E402
@@ -23,6 +24,7 @@ __version__ = importlib.metadata.version("keras-softmax")
 __all__ = [
     "StableMultiHeadAttention",
     "StableSoftmax",
+    "StableSoftmaxHead",
     "calibration",
     "dot_product_attention",
     "linear_cross_entropy",

@@ -247,22 +247,27 @@ def scan(step, carry, xs):
     `step(carry, x)` returns `(carry, y)`; `xs` and `y` are tuples of
     tensors. Keras' TensorFlow scan (3.15) shapes its outputs like its
     carry, so TensorFlow runs a `tf.while_loop` over TensorArrays here;
-    JAX runs `lax.scan`, PyTorch a loop. One step's tensors live at a time.
+    JAX runs `lax.scan`, PyTorch and eager TensorFlow a loop. One step's
+    tensors live at a time.
     """
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
 
         return jax.lax.scan(step, carry, xs)
-    length = int(xs[0].shape[0])
-    if backend != "tensorflow":
+    import tensorflow as tf
+
+    if backend != "tensorflow" or tf.executing_eagerly():
+        length = int(xs[0].shape[0])
         ys = []
         for i in range(length):
             carry, y = step(carry, tuple(x[i] for x in xs))
             ys.append(y)
         return carry, tuple(keras.ops.stack(parts) for parts in zip(*ys, strict=True))
-    import tensorflow as tf
 
+    length = xs[0].shape[0]
+    if length is None:  # traced with an unknown batch size
+        length = tf.shape(xs[0])[0]
     inputs = [tf.TensorArray(x.dtype, size=length).unstack(x) for x in xs]
     # The outputs' shapes from one traced step.
     _, first = step(carry, tuple(x[0] for x in xs))
@@ -282,16 +287,21 @@ def scan(step, carry, xs):
     return carry, tuple(o.stack() for o in outputs)
 
 
-def custom_vjp(forward, backward):
+def custom_vjp(forward, backward, *, forward_for_derivative=None):
     """A function whose reverse-mode derivative is `backward`, on every backend.
 
     `forward(*inputs)` returns `(outputs, saved)`, `saved` a tuple of
     tensors; `backward(inputs, saved, upstream)` returns one gradient per
-    input (None for an integer or bool input). For kernels that must not
-    keep what autodiff would (a large vocabulary's logits): TensorFlow's
-    `tf.custom_gradient`, JAX's `jax.custom_vjp` (reverse mode, `vmap`),
-    and a PyTorch `autograd.Function` in the form `torch.func` accepts
-    (`setup_context`, a generated vmap rule).
+    input (None for an integer or bool input). `forward_for_derivative`, of
+    `forward`'s form, runs instead where a derivative may be taken (JAX's
+    forward rule; a recording tape on TensorFlow; autograd or `torch.func`
+    on PyTorch), so that it can save what `backward` would recompute.
+
+    For kernels that must not keep what autodiff would (a large
+    vocabulary's logits): TensorFlow's `tf.custom_gradient`, JAX's
+    `jax.custom_vjp` (reverse mode, `vmap`), and a PyTorch
+    `autograd.Function` in the form `torch.func` accepts (`setup_context`,
+    a generated vmap rule).
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -299,12 +309,21 @@ def custom_vjp(forward, backward):
         from tensorflow.python.eager import record
 
         def run_tf(*inputs):
+            # A tape records only while one is open, traced or eager; a
+            # derivative of a `tf.function` traced without one still works,
+            # through `backward` with what `forward` saved.
+            chosen = (
+                forward_for_derivative
+                if forward_for_derivative and record.could_possibly_record()
+                else forward
+            )
+
             @tf.custom_gradient
             def rule(*inputs):
                 # Unrecorded: a tape would make the loops inside keep every
                 # step's intermediates for a derivative the rule replaces.
                 with record.stop_recording():
-                    outputs, saved = forward(*inputs)
+                    outputs, saved = chosen(*inputs)
 
                 def grad(upstream):
                     return list(backward(inputs, saved, upstream))
@@ -322,7 +341,7 @@ def custom_vjp(forward, backward):
             return forward(*inputs)[0]
 
         def rule_forward(*inputs):
-            outputs, saved = forward(*inputs)
+            outputs, saved = (forward_for_derivative or forward)(*inputs)
             return outputs, (inputs, saved)
 
         def rule_backward(residuals, upstream):
@@ -337,12 +356,13 @@ def custom_vjp(forward, backward):
         generate_vmap_rule = True
 
         @staticmethod
-        def forward(*inputs):
-            outputs, saved = forward_fn(*inputs)
+        def forward(chosen, *inputs):
+            outputs, saved = chosen(*inputs)
             return (outputs, *saved)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
+            inputs = inputs[1:]
             ctx.count = len(inputs)
             ctx.save_for_backward(*inputs, *output[1:])
             ctx.mark_non_differentiable(*output[1:])
@@ -351,10 +371,16 @@ def custom_vjp(forward, backward):
         def backward(ctx, upstream, *unused):
             tensors = ctx.saved_tensors
             inputs, saved = tensors[: ctx.count], tensors[ctx.count :]
-            return tuple(backward(inputs, saved, upstream))
+            return (None, *backward(inputs, saved, upstream))
 
-    forward_fn = forward
-    return lambda *inputs: Rule.apply(*inputs)[0]
+    def run_torch(*inputs):
+        differentiated = forward_for_derivative and any(
+            may_differentiate(x) for x in inputs if x.is_floating_point()
+        )
+        chosen = forward_for_derivative if differentiated else forward
+        return Rule.apply(chosen, *inputs)[0]
+
+    return run_torch
 
 
 def may_differentiate(tensor) -> bool:

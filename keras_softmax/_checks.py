@@ -231,3 +231,51 @@ def is_number(value) -> bool:
 
 def _is_tensor_like(value):
     return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def check_real(
+    name: str,
+    value,
+    *,
+    minimum: float,
+    maximum: float = math.inf,
+    open_minimum: bool = False,
+    allow_none: bool = False,
+):
+    """`value` as a float in its range (`None` where allowed), or a ValueError."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        above = number > minimum if open_minimum else number >= minimum
+        if above and number <= maximum and math.isfinite(number):
+            return number
+    low = "(" if open_minimum else "["
+    rule = f"a number in {low}{minimum}, {maximum}]"
+    if allow_none:
+        rule += " or None"
+    raise ValueError(f"`{name}` must be {rule}. Received: {name}={value!r}")
+
+
+def to_scalar_temperature(temperature, dtype: str):
+    """One temperature for a whole call: None for 1, or a scalar tensor.
+
+    Checked like `to_temperature`: a bad value known now raises, one known
+    only at run time becomes NaN.
+    """
+    if is_number(temperature):
+        value = check_temperature_value(temperature, dtype)
+        return None if value == 1.0 else ops.convert_to_tensor(value, dtype)
+    if not _is_tensor_like(temperature):
+        raise ValueError(
+            f"`temperature` must be a positive finite number or a scalar "
+            f"tensor. Received: temperature={temperature!r}"
+        )
+    t = ops.cast(_backend.to_tensor(temperature), dtype)
+    if len(t.shape) != 0:
+        raise ValueError(
+            "`temperature` must be a number or a scalar tensor. "
+            f"Received: temperature with shape {tuple(t.shape)}"
+        )
+    checked = to_temperature(t, t, ())
+    return None if is_number(checked) else checked

@@ -2,11 +2,12 @@
 
 The logits `inputs @ kernel + bias` of a large vocabulary are the largest
 tensor a language model trains with. Here they are computed a chunk of
-tokens at a time, inside one custom derivative: the forward pass keeps two
-numbers per token (the slice maximum and the log of the shifted sum), and
-the backward pass recomputes each chunk's logits to turn its upstream
-gradient into those of the inputs, the kernel, the bias and the
-temperature. Peak memory then grows with the chunk, not with the tokens.
+tokens at a time, inside one custom derivative. Where a derivative of a
+reduced loss may be taken, the same pass over the chunks computes the
+gradients of the inputs, the kernel, the bias and the temperature: three
+matrix products, as many as the logits and their gradient cost. Otherwise
+the forward pass keeps nothing, and a reverse pass recomputes each chunk.
+Peak memory then grows with the chunk, not with the tokens.
 """
 
 import math
@@ -87,14 +88,15 @@ def linear_cross_entropy(
         labels, inputs, kernel, bias, temperature, logit_soft_cap,
         label_smoothing, z_loss, ignore_class, reduction, chunk_size,
     )  # fmt: skip
-    losses = _per_position(args)
+    valid = ops.cast(args.valid, args.hidden.dtype)
     if args.reduction in (None, "none"):
-        return ops.reshape(losses, args.leading_shape)
-    total = ops.sum(losses)
+        losses = _through_rule(args, _per_position_rule, valid)
+        return ops.reshape(losses + args.poison, args.leading_shape)
     if args.reduction == "sum":
-        return total
-    valid = ops.sum(ops.cast(args.valid, losses.dtype))
-    return ops.where(valid > 0, total / ops.maximum(valid, 1.0), 0.0)
+        weights = valid
+    else:
+        weights = valid / ops.maximum(ops.sum(valid), 1.0)
+    return _through_rule(args, _weighted_sum_rule, weights) + ops.sum(args.poison)
 
 
 class _Arguments(NamedTuple):
@@ -156,7 +158,10 @@ def _checked(
             )
     leading_shape = tuple(hidden.shape[:-1])
     labels = _backend.to_tensor(labels)
-    if tuple(labels.shape) != leading_shape:
+    if len(labels.shape) != len(leading_shape) or any(
+        a is not None and b is not None and a != b
+        for a, b in zip(labels.shape, leading_shape, strict=False)
+    ):
         raise ValueError(
             "`labels` must have the leading shape of `inputs`. Received: "
             f"labels.shape={tuple(labels.shape)}, inputs.shape={tuple(hidden.shape)}"
@@ -186,65 +191,18 @@ def _checked(
         hidden=ops.reshape(hidden, (-1, depth)),
         kernel=kernel,
         bias=bias,
-        temperature=_temperature(temperature, dtype),
-        soft_cap=_positive_or_none("logit_soft_cap", soft_cap),
-        smoothing=_fraction("label_smoothing", smoothing),
-        z_loss=_non_negative("z_loss", z_loss),
+        temperature=_checks.to_scalar_temperature(temperature, dtype),
+        soft_cap=_checks.check_real(
+            "logit_soft_cap", soft_cap, minimum=0, open_minimum=True, allow_none=True
+        ),
+        smoothing=_checks.check_real(
+            "label_smoothing", smoothing, minimum=0, maximum=1
+        ),
+        z_loss=_checks.check_real("z_loss", z_loss, minimum=0),
         chunk=_chunk(chunk_size, vocabulary),
         reduction=reduction,
-        leading_shape=leading_shape,
-    )
-
-
-def _temperature(temperature, dtype):
-    """None for 1, or a scalar tensor (NaN if only known bad at run time)."""
-    if _checks.is_number(temperature):
-        value = _checks.check_temperature_value(temperature, dtype)
-        return None if value == 1.0 else ops.convert_to_tensor(value, dtype)
-    t = ops.cast(_backend.to_tensor(temperature), dtype)
-    if len(t.shape) != 0:
-        raise ValueError(
-            "`temperature` must be a number or a scalar tensor. "
-            f"Received: temperature with shape {tuple(t.shape)}"
-        )
-    return _checks.to_temperature(t, ops.zeros((1,), dtype), 0)
-
-
-def _positive_or_none(name, value):
-    if value is None:
-        return None
-    if (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    ):
-        return float(value)
-    raise ValueError(
-        f"`{name}` must be a positive number or None. Received: {name}={value!r}"
-    )
-
-
-def _fraction(name, value):
-    if (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and 0 <= value <= 1
-    ):
-        return float(value)
-    raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
-
-
-def _non_negative(name, value):
-    if (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= 0
-    ):
-        return float(value)
-    raise ValueError(
-        f"`{name}` must be a non-negative number. Received: {name}={value!r}"
+        # Traced with an unknown batch size, the shape is read at run time.
+        leading_shape=ops.shape(hidden)[:-1],
     )
 
 
@@ -259,41 +217,82 @@ def _chunk(chunk_size, vocabulary):
     )
 
 
-def _per_position(args: _Arguments):
-    """`[N]` losses, 0 where ignored, through one custom derivative."""
-    n = int(args.hidden.shape[0])
-    chunk = min(args.chunk, max(n, 1))
-    pad = (-n) % chunk
-    hidden, labels, valid = args.hidden, args.labels, args.valid
-    if pad:
-        hidden = ops.pad(hidden, ((0, pad), (0, 0)))
-        labels = ops.pad(labels, ((0, pad),))
-        valid = ops.pad(valid, ((0, pad),))
-    chunks = (n + pad) // chunk
-    spec = _Spec(args.soft_cap, args.smoothing, args.z_loss, chunk, chunks)
-    bias = (
-        ops.zeros((args.kernel.shape[1],), args.kernel.dtype)
-        if args.bias is None
-        else args.bias
-    )
-    t = (
-        ops.ones((), args.kernel.dtype)
-        if args.temperature is None
-        else args.temperature
-    )
-    losses = _backend.custom_vjp(
-        lambda h, w, b, t, y, v: _forward(spec, h, w, b, t, y, v),
-        lambda inputs, saved, upstream: _backward(spec, inputs, saved, upstream),
-    )(hidden, args.kernel, bias, t, labels, valid)
-    return losses[:n] + args.poison
-
-
 class _Spec(NamedTuple):
+    """What a chunk's computation needs to know, fixed when traced."""
+
     soft_cap: float | None
     smoothing: float
     z_loss: float
+    tempered: bool  # whether a temperature tensor is passed
     chunk: int
-    chunks: int
+
+
+def _through_rule(args: _Arguments, rule, weights):
+    """`rule`'s output on the chunked arguments, with its custom derivative."""
+    n = args.hidden.shape[0]
+    if n is None:  # a traced batch of unknown size
+        n = ops.shape(args.hidden)[0]
+        chunk = args.chunk
+    else:
+        chunk = min(args.chunk, max(n, 1))
+    pad = (-n) % chunk
+    hidden, labels = args.hidden, args.labels
+    if not isinstance(pad, int) or pad:
+        hidden = ops.pad(hidden, ((0, pad), (0, 0)))
+        labels = ops.pad(labels, ((0, pad),))
+        weights = ops.pad(weights, ((0, pad),))
+    spec = _Spec(
+        args.soft_cap,
+        args.smoothing,
+        args.z_loss,
+        args.temperature is not None,
+        chunk,
+    )
+    dtype = args.kernel.dtype
+    bias = ops.zeros((args.kernel.shape[1],), dtype) if args.bias is None else args.bias
+    t = ops.ones((), dtype) if args.temperature is None else args.temperature
+    out = rule(spec)(hidden, args.kernel, bias, t, labels, weights)
+    return out if len(out.shape) == 0 else out[:n]
+
+
+def _per_position_rule(spec):
+    """Per-position losses times `weights`; reverse mode recomputes chunks."""
+
+    def forward(h, w, b, t, y, weights):
+        return _scan_losses(spec, h, w, b, t, y, weights), ()
+
+    def backward(inputs, saved, upstream):
+        h, w, b, t, y, weights = inputs
+        return _scan_gradients(spec, h, w, b, t, y, weights * upstream)
+
+    return _backend.custom_vjp(forward, backward)
+
+
+def _weighted_sum_rule(spec):
+    """`sum(weights * losses)`, its gradients computed in the same pass.
+
+    When a derivative may be taken, one pass over the chunks gives the loss
+    and its gradients: three matrix products, as the logits would cost.
+    The reverse pass then only scales them by the upstream gradient.
+    """
+
+    def forward(h, w, b, t, y, weights):
+        losses = _scan_losses(spec, h, w, b, t, y, weights)
+        return ops.sum(losses), ()
+
+    def forward_for_derivative(h, w, b, t, y, weights):
+        loss, gradients = _scan_loss_and_gradients(spec, h, w, b, t, y, weights)
+        return loss, gradients
+
+    def backward(inputs, saved, upstream):
+        if saved:  # the gradients, from forward_for_derivative
+            return tuple(g * upstream for g in saved) + (None, None)
+        h, w, b, t, y, weights = inputs
+        return _scan_gradients(spec, h, w, b, t, y, weights * upstream)
+
+    return _backend.custom_vjp(
+        forward, backward, forward_for_derivative=forward_for_derivative
+    )
 
 
 class _Chunk(NamedTuple):
@@ -301,16 +300,21 @@ class _Chunk(NamedTuple):
 
     logits: object  # soft-capped, before the temperature
     shifted: object  # (logits - top) / t
+    exp_shifted: object
     top: object  # [C, 1]
-    log_total: object  # [C, 1]: log sum exp(shifted)
+    total: object  # [C, 1]: sum of exp_shifted
+    log_total: object  # [C, 1]
 
 
 def _chunk_logits(spec, h, w, b, t):
     logits = _capped(spec, _backend.matmul(h, w) + b)
     top = ops.max(logits, axis=-1, keepdims=True)
-    shifted = (logits - top) / t
-    log_total = ops.log(ops.sum(ops.exp(shifted), axis=-1, keepdims=True))
-    return _Chunk(logits, shifted, top, log_total)
+    shifted = logits - top
+    if spec.tempered:
+        shifted = shifted / t
+    exp_shifted = ops.exp(shifted)
+    total = ops.sum(exp_shifted, axis=-1, keepdims=True)
+    return _Chunk(logits, shifted, exp_shifted, top, total, ops.log(total))
 
 
 def _capped(spec, logits):
@@ -324,73 +328,96 @@ def _capped(spec, logits):
     return spec.soft_cap * ops.sign(u) * (-e / (2.0 + e))
 
 
-def _forward(spec, h, w, b, t, y, v):
-    """Per-position losses, and per position the maximum and log-sum."""
-
-    def step(carry, xs):
-        h_c, y_c, v_c = xs
-        c = _chunk_logits(spec, h_c, w, b, t)
-        lse = c.top / t + c.log_total
-        picked = ops.take_along_axis(c.shifted, y_c[:, None], axis=-1)
-        loss = (1 - spec.smoothing) * (c.log_total - picked)
-        if spec.smoothing:
-            # (Keras' mean on JAX, 3.15, sums float64 in float32.)
-            mean = ops.sum(c.shifted, axis=-1, keepdims=True) / w.shape[1]
-            loss = loss + spec.smoothing * (c.log_total - mean)
-        if spec.z_loss:
-            loss = loss + spec.z_loss * ops.square(lse)
-        loss = ops.where(v_c, loss[:, 0], 0.0)
-        return carry, (loss, c.top[:, 0], c.log_total[:, 0])
-
-    xs = _split(spec, h, y, v)
-    _, (loss, top, log_total) = _backend.scan(step, (), xs)
-    flat = lambda a: ops.reshape(a, (-1,))  # noqa: E731
-    return flat(loss), (flat(top), flat(log_total))
+def _chunk_losses(spec, c: _Chunk, t, y, weights):
+    """`[C]` losses of one chunk, times `weights`."""
+    picked = ops.take_along_axis(c.shifted, y[:, None], axis=-1)
+    loss = (1 - spec.smoothing) * (c.log_total - picked)
+    if spec.smoothing:
+        # (Keras' mean on JAX, 3.15, sums float64 in float32.)
+        mean = ops.sum(c.shifted, axis=-1, keepdims=True) / c.shifted.shape[-1]
+        loss = loss + spec.smoothing * (c.log_total - mean)
+    if spec.z_loss:
+        loss = loss + spec.z_loss * ops.square(c.top / t + c.log_total)
+    # `where`, not a product: an ignored position's loss may be inf.
+    return ops.where(weights != 0, loss[:, 0] * weights, 0.0)
 
 
-def _backward(spec, inputs, saved, upstream):
-    h, w, b, t, y, v = inputs
-    top, log_total = saved
-    vocabulary = w.shape[1]
-    scale = ops.where(v, upstream, 0.0)
+class _Gradients(NamedTuple):
+    inputs: object  # [C, D]
+    kernel: object  # [D, V]
+    bias: object  # [V]
+    temperature: object  # scalar
 
-    def step(carry, xs):
-        dw, db, dt = carry
-        h_c, y_c, g_c, top_c, log_total_c = xs
-        capped = _capped(spec, _backend.matmul(h_c, w) + b)
-        shifted = (capped - top_c[:, None]) / t
-        p = ops.exp(shifted - log_total_c[:, None])
-        lse = top_c[:, None] / t + log_total_c[:, None]
-        dz = p * (1.0 + 2.0 * spec.z_loss * lse)
-        dz = dz - (1.0 - spec.smoothing) * ops.one_hot(y_c, vocabulary, dtype=p.dtype)
-        if spec.smoothing:
-            dz = dz - spec.smoothing / vocabulary
-        dz = dz * g_c[:, None]
-        # d z / d t = -z / t, with z = shifted + top / t.
+
+def _chunk_gradients(spec, c: _Chunk, h, w, t, y, weights) -> _Gradients:
+    """The gradients of `sum(weights * losses)` over one chunk."""
+    vocabulary = c.logits.shape[-1]
+    # d loss / d z, with the weights folded into the softmax's scale.
+    scale = weights[:, None] / c.total
+    if spec.z_loss:
+        scale = scale * (1.0 + 2.0 * spec.z_loss * (c.top / t + c.log_total))
+    dz = c.exp_shifted * scale
+    is_label = ops.arange(vocabulary, dtype="int32")[None, :] == y[:, None]
+    dz = ops.where(is_label, dz - (1.0 - spec.smoothing) * weights[:, None], dz)
+    if spec.smoothing:
+        dz = dz - (spec.smoothing / vocabulary) * weights[:, None]
+    dt = ops.zeros((), dz.dtype)
+    d_logits = dz
+    if spec.tempered:
+        # z = shifted + top / t, so d z / d t = -z / t.
         dt = (
-            dt
-            - ops.sum(dz * shifted) / t
-            - ops.sum(ops.sum(dz, axis=-1) * top_c) / (t * t)
+            -(ops.sum(dz * c.shifted) + ops.sum(ops.sum(dz, axis=-1) * c.top[:, 0]) / t)
+            / t
         )
         d_logits = dz / t
-        if spec.soft_cap is not None:
-            d_logits = d_logits * (1.0 - ops.square(capped / spec.soft_cap))
-        dh_c = _backend.matmul(d_logits, ops.transpose(w))
-        dw = dw + _backend.matmul(ops.transpose(h_c), d_logits)
-        db = db + ops.sum(d_logits, axis=0)
-        return (dw, db, dt), (dh_c,)
-
-    xs = _split(spec, h, y, scale) + (
-        ops.reshape(top, (spec.chunks, spec.chunk)),
-        ops.reshape(log_total, (spec.chunks, spec.chunk)),
+    if spec.soft_cap is not None:
+        d_logits = d_logits * (1.0 - ops.square(c.logits / spec.soft_cap))
+    return _Gradients(
+        inputs=_backend.matmul(d_logits, ops.transpose(w)),
+        kernel=_backend.matmul(ops.transpose(h), d_logits),
+        bias=ops.sum(d_logits, axis=0),
+        temperature=dt,
     )
-    init = (ops.zeros_like(w), ops.zeros_like(b), ops.zeros((), t.dtype))
-    (dw, db, dt), (dh,) = _backend.scan(step, init, xs)
-    return ops.reshape(dh, ops.shape(h)), dw, db, dt, None, None
+
+
+def _scan_losses(spec, h, w, b, t, y, weights):
+    """`[chunks * chunk]` weighted losses."""
+
+    def step(carry, xs):
+        h_c, y_c, weights_c = xs
+        c = _chunk_logits(spec, h_c, w, b, t)
+        return carry, (_chunk_losses(spec, c, t, y_c, weights_c),)
+
+    _, (losses,) = _backend.scan(step, (), _split(spec, h, y, weights))
+    return ops.reshape(losses, (-1,))
+
+
+def _scan_gradients(spec, h, w, b, t, y, weights):
+    """The gradients of `sum(weights * losses)`: one per rule input."""
+    loss, gradients = _scan_loss_and_gradients(spec, h, w, b, t, y, weights)
+    return gradients + (None, None)
+
+
+def _scan_loss_and_gradients(spec, h, w, b, t, y, weights):
+    """`sum(weights * losses)` and its gradients for `h`, `w`, `b` and `t`."""
+
+    def step(carry, xs):
+        loss, dw, db, dt = carry
+        h_c, y_c, weights_c = xs
+        c = _chunk_logits(spec, h_c, w, b, t)
+        loss = loss + ops.sum(_chunk_losses(spec, c, t, y_c, weights_c))
+        g = _chunk_gradients(spec, c, h_c, w, t, y_c, weights_c)
+        carry = (loss, dw + g.kernel, db + g.bias, dt + g.temperature)
+        return carry, (g.inputs,)
+
+    zero = ops.zeros((), w.dtype)
+    init = (zero, ops.zeros_like(w), ops.zeros_like(b), zero)
+    (loss, dw, db, dt), (dh,) = _backend.scan(step, init, _split(spec, h, y, weights))
+    return loss, (ops.reshape(dh, ops.shape(h)), dw, db, dt)
 
 
 def _split(spec, h, *per_position):
-    """`h` and per-position tensors as `chunks` chunks of `chunk` rows."""
-    return (ops.reshape(h, (spec.chunks, spec.chunk, -1)),) + tuple(
-        ops.reshape(a, (spec.chunks, spec.chunk)) for a in per_position
+    """`h` and per-position tensors as chunks of `chunk` rows."""
+    return (ops.reshape(h, (-1, spec.chunk, h.shape[-1])),) + tuple(
+        ops.reshape(a, (-1, spec.chunk)) for a in per_position
     )

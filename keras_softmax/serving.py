@@ -132,6 +132,16 @@ def predict_litert(path, inputs: dict) -> np.ndarray:
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
+def predict_export(fmt: str, path, inputs: dict) -> np.ndarray:
+    """Serves an export of format `fmt` ("saved_model", "onnx", "litert")."""
+    serve = {
+        "saved_model": predict_saved_model_fresh,
+        "onnx": predict_onnx,
+        "litert": predict_litert,
+    }
+    return serve[fmt](path, inputs)
+
+
 def write_manifest(directory, files, **info) -> pathlib.Path:
     """Writes `manifest.json`: `info` and the sha256 of every file saved."""
     directory = pathlib.Path(directory)

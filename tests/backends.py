@@ -10,8 +10,15 @@ import functools
 
 import keras
 import numpy as np
+import pytest
 
 BACKEND = keras.backend.backend()
+# SavedModel, tf2onnx and the LiteRT converter all start from a TensorFlow
+# graph, so Keras exports from the TensorFlow backend; serving the exported
+# files needs no Keras backend at all.
+exports = pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="Keras exports these from the TensorFlow backend"
+)
 
 
 def jacobian(fn, x):

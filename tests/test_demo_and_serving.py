@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 from backends import BACKEND
+from backends import exports
 
 from keras_softmax import StableSoftmax
 from keras_softmax import _quiet
@@ -20,12 +21,6 @@ from keras_softmax._fresh_process import run_python
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "saved_models"
 ON_TENSORFLOW = BACKEND == "tensorflow"
-# SavedModel, tf2onnx and the LiteRT converter all start from a TensorFlow
-# graph, so Keras exports from the TensorFlow backend; serving the exported
-# files needs no Keras backend at all.
-exports = pytest.mark.skipif(
-    not ON_TENSORFLOW, reason="Keras exports these from the TensorFlow backend"
-)
 
 
 @pytest.fixture(scope="module")

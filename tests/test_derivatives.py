@@ -175,11 +175,17 @@ def _cross_entropy_subjects():
             bias,
             np.array(0.8),
         ),
+        # Its gradients computed in the forward pass where a derivative may
+        # be taken, by the reverse pass otherwise.
         "linear_cross_entropy, mean": Subject(
-            lambda h, w, b: ops.reshape(linear_cross_entropy(labels, h, w, b), (1,)),
+            lambda h, w, b, t: ops.reshape(
+                linear_cross_entropy(labels, h, w, b, temperature=t, **options),
+                (1,),
+            ),
             hidden,
             kernel,
             bias,
+            np.array(1.3),
         ),
     }
 

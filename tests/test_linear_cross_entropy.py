@@ -159,6 +159,50 @@ def test_ignored_positions_contribute_nothing_and_an_all_ignored_batch_is_zero()
     np.testing.assert_array_equal(grad[labels == labels[0]], 0.0)
 
 
+EVERYTHING = OPTIONS["everything"]
+
+
+def test_a_mean_has_the_gradient_of_its_per_position_losses_divided_by_the_count():
+    # The mean's gradients are computed in the forward pass, the per-position
+    # losses' by a reverse pass that recomputes each chunk.
+    labels, h, w, b = _problem(n=9)
+    count = float(np.sum(labels != 3))
+    opts = dict(EVERYTHING, ignore_class=3, chunk_size=4)
+    mean = gradient(lambda v: linear_cross_entropy(labels, h, v, b, **opts), w)
+    per_position = gradient(
+        lambda v: (
+            keras.ops.sum(linear_cross_entropy(labels, h, v, b, reduction=None, **opts))
+            / count
+        ),
+        w,
+    )
+    np.testing.assert_allclose(mean, per_position, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's tapes")
+def test_a_function_traced_without_a_tape_still_has_exact_gradients():
+    # Traced with no tape open, the forward pass keeps nothing; a tape
+    # opened later differentiates through the reverse pass instead.
+    import tensorflow as tf
+
+    labels, h, w, b = _problem(n=9)
+    loss = tf.function(
+        lambda v: linear_cross_entropy(labels, h, v, b, chunk_size=4, **EVERYTHING)
+    )
+    kernel = tf.constant(w)
+    loss(kernel)
+    with tf.GradientTape() as tape:
+        tape.watch(kernel)
+        traced_loss = loss(kernel)
+    later = tape.gradient(traced_loss, kernel)
+    with tf.GradientTape() as tape:
+        tape.watch(kernel)
+        eager = linear_cross_entropy(labels, h, kernel, b, chunk_size=4, **EVERYTHING)
+    np.testing.assert_allclose(
+        later.numpy(), tape.gradient(eager, kernel).numpy(), rtol=1e-5, atol=1e-7
+    )
+
+
 def test_half_precision_inputs_are_computed_in_float32():
     labels, h, w, b = _problem()
     half = [a.astype("float16") for a in (h, w, b)]

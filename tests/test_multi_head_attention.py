@@ -5,16 +5,12 @@ import numpy as np
 import pytest
 from attention_reference import attention as reference_attention
 from backends import BACKEND
+from backends import exports
 from reference import to_numpy
 
 import keras_softmax
 from keras_softmax import StableMultiHeadAttention
 from keras_softmax import serving
-
-ON_TENSORFLOW = BACKEND == "tensorflow"
-exports = pytest.mark.skipif(
-    not ON_TENSORFLOW, reason="Keras exports these from the TensorFlow backend"
-)
 
 
 def _pair(seed=0, temperature=1.0, **kwargs):
@@ -357,12 +353,7 @@ def test_exports_serve_the_keras_result_fully_masked_rows_included(
     model, inputs = _masked_model(temperature=temperature)
     expected = to_numpy(model.predict(list(inputs.values()), verbose=0))
     path = serving.save(model, tmp_path, "attention", formats=(fmt,))[fmt]
-    predict = {
-        "saved_model": serving.predict_saved_model_fresh,
-        "onnx": serving.predict_onnx,
-        "litert": serving.predict_litert,
-    }[fmt]
-    actual = predict(path, inputs)
+    actual = serving.predict_export(fmt, path, inputs)
     assert np.all(np.isfinite(actual))
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
     # Padded queries and the fully masked one give the final layer's output
