@@ -1,16 +1,22 @@
 """One training step of a large-vocabulary head: fused or through the logits.
 
 A step is the loss and the gradients for the hidden states, the kernel and
-the bias, in a `tf.function` (how `fit` runs on a CPU). The naive step is
-Keras' own: the `[tokens, vocabulary]` logits, then
-`SparseCategoricalCrossentropy(from_logits=True)`. Time: both side by side
-in one process (benchmarks/_timing.py); memory: the extra peak RSS of one
-step, each contender in a fresh process. Run from the repository root:
+the bias, as each backend runs a training step: a `tf.function` (how `fit`
+runs on a CPU), `jax.jit`, PyTorch eagerly. The naive step builds the
+`[tokens, vocabulary]` logits and applies the backend's own loss (Keras'
+`SparseCategoricalCrossentropy(from_logits=True)`, or PyTorch's
+`cross_entropy`); on PyTorch, its chunked `F.linear_cross_entropy` runs
+too. Time: all side by side in one process, medians (benchmarks/_timing.py);
+memory: the extra peak RSS of one step, each contender in a fresh process.
+Run from the repository root:
 
-    python benchmarks/bench_linear_cross_entropy.py                 # N = 4096
-    python benchmarks/bench_linear_cross_entropy.py --tokens 16384  # memory only
+    python benchmarks/bench_linear_cross_entropy.py                   # TF, N = 4096
+    python benchmarks/bench_linear_cross_entropy.py --tokens 16384 --memory-only
+    python benchmarks/bench_linear_cross_entropy.py --backend jax     # N = 2048
+    python benchmarks/bench_linear_cross_entropy.py --backend torch
 
-The issue's sizes: D = 512, V = 131072.
+The issue's sizes: D = 512, V = 131072 on TensorFlow; D = 256, V = 65536
+on JAX and PyTorch.
 """
 
 import argparse
@@ -19,104 +25,161 @@ import resource
 import subprocess
 import sys
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from _timing import interleaved_timings  # noqa: E402
-
-import keras_softmax  # noqa: E402
-
-DEPTH, VOCABULARY = 512, 131072
-CONTENDERS = ("linear_cross_entropy", "logits + Keras' loss")
-
-
-def _problem(tokens):
-    # Made by TensorFlow itself: no NumPy copy raises the peak beforehand.
-    tf.random.set_seed(0)
-    hidden = tf.random.normal((tokens, DEPTH))
-    kernel = tf.Variable(tf.random.normal((DEPTH, VOCABULARY)) / DEPTH**0.5)
-    bias = tf.Variable(tf.zeros((VOCABULARY,)))
-    labels = tf.random.uniform((tokens,), 0, VOCABULARY, dtype=tf.int32)
-    return hidden, kernel, bias, labels
+SIZES = {  # backend: (tokens, depth, vocabulary)
+    "tensorflow": (4096, 512, 131072),
+    "jax": (2048, 256, 65536),
+    "torch": (2048, 256, 65536),
+}
+FUSED, NAIVE, TORCH_CHUNKED = (
+    "linear_cross_entropy",
+    "logits + the backend's loss",
+    "torch F.linear_cross_entropy, chunked",
+)
 
 
-def _step(which, kernel, bias):
+def _contenders(backend):
+    return (FUSED, NAIVE, TORCH_CHUNKED) if backend == "torch" else (FUSED, NAIVE)
+
+
+def _step(backend, which, tokens, depth, vocabulary):
+    """`(step, sync)`: one training step on a fixed problem, and its wait."""
+    import keras
+
+    import keras_softmax
+
     keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-    def loss(hidden, labels):
-        if which == CONTENDERS[0]:
-            return keras_softmax.linear_cross_entropy(labels, hidden, kernel, bias)
-        return keras_loss(labels, tf.matmul(hidden, kernel) + bias)
+        # Made by the backend itself: no NumPy copy raises the peak beforehand.
+        tf.random.set_seed(0)
+        h = tf.random.normal((tokens, depth))
+        w = tf.Variable(tf.random.normal((depth, vocabulary)) / depth**0.5)
+        b = tf.Variable(tf.zeros((vocabulary,)))
+        y = tf.random.uniform((tokens,), 0, vocabulary, dtype=tf.int32)
 
-    @tf.function
-    def step(hidden, labels):
-        with tf.GradientTape() as tape:
-            tape.watch(hidden)
-            value = loss(hidden, labels)
-        return value, tape.gradient(value, [hidden, kernel, bias])
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(h)
+                if which == FUSED:
+                    value = keras_softmax.linear_cross_entropy(y, h, w, b)
+                else:
+                    value = keras_loss(y, tf.matmul(h, w) + b)
+            return value, tape.gradient(value, [h, w, b])
 
-    return step
+        return step, lambda result: result[0].numpy()
+    if backend == "jax":
+        import jax
+
+        keys = jax.random.split(jax.random.PRNGKey(0), 3)
+        h = jax.random.normal(keys[0], (tokens, depth))
+        w = jax.random.normal(keys[1], (depth, vocabulary)) / depth**0.5
+        b = jax.numpy.zeros((vocabulary,))
+        y = jax.random.randint(keys[2], (tokens,), 0, vocabulary)
+
+        def loss(h, w, b):
+            if which == FUSED:
+                return keras_softmax.linear_cross_entropy(y, h, w, b)
+            return keras_loss(y, h @ w + b)
+
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        return (lambda: grad(h, w, b)), jax.block_until_ready
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, depth, generator=generator, requires_grad=True)
+    kernel = torch.randn(depth, vocabulary, generator=generator) / depth**0.5
+    w = kernel.requires_grad_()
+    b = torch.zeros(vocabulary, requires_grad=True)
+    y = torch.randint(0, vocabulary, (tokens,), generator=generator)
+    # PyTorch's functions take the weight as [V, D], Keras' kernel is [D, V].
+    w_t = kernel.detach().t().contiguous().requires_grad_()
+
+    def step():
+        for t in (h, w, b, w_t):
+            t.grad = None
+        if which == FUSED:
+            value = keras_softmax.linear_cross_entropy(y, h, w, b)
+        elif which == NAIVE:
+            value = F.cross_entropy(F.linear(h, w_t, b), y)
+        else:
+            value = F.linear_cross_entropy(
+                h, w_t, y, linear_bias=b, options=torch.nn.LinearCrossEntropyOptions()
+            )
+        value.backward()
+        return value
+
+    return step, lambda result: float(result)
 
 
-def peak_memory(which, tokens):
-    """Extra peak RSS, in MiB, of one step after a step that traced it."""
-    hidden, kernel, bias, labels = _problem(tokens)
-    step = _step(which, kernel, bias)
-    step(hidden[:64], labels[:64])
+def peak_memory(backend, which, tokens, depth, vocabulary):
+    """Extra peak RSS, in MiB, of one step, after a small one has warmed up.
+
+    The problem is made before the first reading; the step's first call
+    traces or compiles it, which costs little beside its tensors.
+    """
+    # The small step's tensors stay alive: memory they freed could
+    # otherwise be reused unseen.
+    small, sync = _step(backend, which, 64, depth, vocabulary)
+    sync(small())
+    step, sync = _step(backend, which, tokens, depth, vocabulary)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    value, _ = step(hidden, labels)
-    value.numpy()
+    sync(step())
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return (after - before) / 1024
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="N (default 4096)")
+    parser.add_argument("--backend", choices=SIZES, default="tensorflow")
+    parser.add_argument("--tokens", type=int, help="N (default: the issue's)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds")
-    parser.add_argument("--memory-of", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help="skip the timing")
     args = parser.parse_args(argv)
+    tokens, depth, vocabulary = SIZES[args.backend]
+    tokens = args.tokens or tokens
+    os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.memory_of:
-        print(peak_memory(args.memory_of, args.tokens))
+        print(peak_memory(args.backend, args.memory_of, tokens, depth, vocabulary))
         return
-    print(f"N = {args.tokens}, D = {DEPTH}, V = {VOCABULARY}, float32, tf.function")
+    contenders = _contenders(args.backend)
+    print(f"{args.backend}: N = {tokens}, D = {depth}, V = {vocabulary}, float32")
     memory = {}
-    for which in CONTENDERS:
-        result = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--memory-of",
-                which,
-                "--tokens",
-                str(args.tokens),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+    for which in contenders:
+        command = [sys.executable, __file__, "--backend", args.backend]
+        command += ["--tokens", str(tokens), "--memory-of", which]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
         memory[which] = float(result.stdout.split()[-1])
     if not args.memory_only:
-        hidden, kernel, bias, labels = _problem(args.tokens)
-        steps = {which: _step(which, kernel, bias) for which in CONTENDERS}
+        from _timing import interleaved_timings
+
+        steps = {
+            w: _step(args.backend, w, tokens, depth, vocabulary) for w in contenders
+        }
+        sync = steps[FUSED][1]
         timings = interleaved_timings(
-            {w: (lambda s=s: s(hidden, labels)) for w, s in steps.items()},
-            sync=lambda result: result[0].numpy(),
+            {w: step for w, (step, _) in steps.items()},
+            sync=sync,
             rounds=args.rounds,
             warmup=1,
         )
     print("| step | wall s | CPU s | extra peak MiB |")
     print("|---|---|---|---|")
-    for which in CONTENDERS:
+    for which in contenders:
         wall = "" if args.memory_only else f"{timings.wall[which]:.2f}"
         cpu = "" if args.memory_only else f"{timings.cpu[which]:.2f}"
         print(f"| {which} | {wall} | {cpu} | {memory[which]:.0f} |")
-    if not args.memory_only:
-        ratio = timings.wall[CONTENDERS[0]] / timings.wall[CONTENDERS[1]]
-        print(f"\ntime ratio (fused / naive): {ratio:.2f}")
+    for which in contenders[1:]:
+        time = (
+            ""
+            if args.memory_only
+            else (f"time {timings.wall[FUSED] / timings.wall[which]:.2f}, ")
+        )
+        print(f"fused / {which}: {time}memory {memory[FUSED] / memory[which]:.2f}")
 
 
 if __name__ == "__main__":
