@@ -166,6 +166,16 @@ def _checked(
             "`labels` must have the leading shape of `inputs`. Received: "
             f"labels.shape={tuple(labels.shape)}, inputs.shape={tuple(hidden.shape)}"
         )
+    if _backend.is_concrete(labels):
+        values = _backend.read(labels).reshape(-1)
+        if ignore_class is not None:
+            values = values[values != ignore_class]
+        bad = values[(values < 0) | (values >= vocabulary)]
+        if bad.size:
+            raise ValueError(
+                f"`labels` must be class ids in [0, {vocabulary}) or "
+                f"`ignore_class`. Received: a label of {int(bad[0])}"
+            )
     labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
     valid = (
         ops.ones(ops.shape(labels), "bool")
@@ -173,14 +183,6 @@ def _checked(
         else ops.not_equal(labels, int(ignore_class))
     )
     in_range = ops.logical_and(labels >= 0, labels < vocabulary)
-    if _backend.is_concrete(labels):
-        values = _backend.read(labels)[_backend.read(valid)]
-        bad = values[(values < 0) | (values >= vocabulary)]
-        if bad.size:
-            raise ValueError(
-                f"`labels` must be class ids in [0, {vocabulary}) or "
-                f"`ignore_class`. Received: a label of {int(bad[0])}"
-            )
     # A label known bad only at run time makes its position's loss NaN.
     dtype_nan = ops.cast(math.nan, dtype)
     poison = ops.where(ops.logical_and(valid, ~in_range), dtype_nan, 0.0)

@@ -256,6 +256,18 @@ def test_bad_arguments_raise_value_errors_naming_the_value(kwargs, message):
         )
 
 
+@pytest.mark.parametrize("mode", [traced, compiled], ids=lambda m: m.__name__)
+def test_labels_held_as_a_backend_tensor_work_traced_and_compiled(mode):
+    labels, h, w, b = _problem()
+    tensor_labels = keras.ops.convert_to_tensor(labels)
+    fn = mode(lambda h: linear_cross_entropy(tensor_labels, h, w, b, reduction=None))
+    np.testing.assert_allclose(
+        to_numpy(fn(keras.ops.convert_to_tensor(h))),
+        reference_losses(labels, h, w, b),
+        rtol=2e-6,
+    )
+
+
 def test_a_label_known_bad_only_at_run_time_gives_nan_not_a_loss():
     labels, h, w, b = _problem(n=3)
     fn = compiled(lambda y: linear_cross_entropy(y, h, w, b, reduction=None))

@@ -64,7 +64,9 @@ def test_model_parallel_kernel_sharded_over_4_devices_gives_one_devices_loss():
                 float(np.max(np.abs(np.asarray(a) - np.asarray(e))) / np.max(np.abs(e)))
                 for a, e in ((dh, dh1), (dw, dw1), (db, db1))
             ),
-            "temp bytes": [temp(hidden, w, b), temp(hidden, np.asarray(w), np.asarray(b))],
+            "temp bytes": [
+                temp(hidden, w, b), temp(hidden, np.asarray(w), np.asarray(b))
+            ],
         }))
         """,
         env={
