@@ -53,13 +53,11 @@ class StableSoftmaxHead(keras.layers.Dense):
     >>> import keras_softmax
     >>> head = keras_softmax.StableSoftmaxHead(5, temperature=2.0)
     >>> hidden = np.ones((2, 3), "float32")
-    >>> dense = keras.layers.Dense(
-    ...     5, activation=keras_softmax.StableSoftmax(temperature=2.0)
-    ... )
-    >>> _ = dense(hidden)
-    >>> _ = head(hidden)
+    >>> dense = keras.layers.Dense(5)
+    >>> _ = dense(hidden), head(hidden)
     >>> dense.set_weights(head.get_weights())
-    >>> bool(np.allclose(head(hidden), dense(hidden), rtol=1e-6))
+    >>> expected = keras_softmax.stable_softmax(dense(hidden), temperature=2.0)
+    >>> bool(np.allclose(head(hidden), expected, rtol=1e-6))
     True
     >>> loss = head.loss()(np.array([0, 4]), head(hidden, training=True))
     >>> float(loss) > 0
