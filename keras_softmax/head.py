@@ -57,7 +57,8 @@ class StableSoftmaxHead(keras.layers.Dense):
     >>> _ = dense(hidden), head(hidden)
     >>> dense.set_weights(head.get_weights())
     >>> expected = keras_softmax.stable_softmax(dense(hidden), temperature=2.0)
-    >>> bool(np.allclose(head(hidden), expected, rtol=1e-6))
+    >>> to_numpy = keras.ops.convert_to_numpy
+    >>> bool(np.allclose(to_numpy(head(hidden)), to_numpy(expected), rtol=1e-6))
     True
     >>> loss = head.loss()(np.array([0, 4]), head(hidden, training=True))
     >>> float(loss) > 0
