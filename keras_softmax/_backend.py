@@ -110,6 +110,18 @@ def matmul(a, b):
     return keras.ops.matmul(a, b)
 
 
+def add_matmul(total, a, b):
+    """`total + a @ b`, in place on eager PyTorch tensors.
+
+    Eager PyTorch would otherwise hold the product and the new sum beside
+    the old one: three copies of a large vocabulary's kernel gradient.
+    """
+    if keras.backend.backend() == "torch" and is_concrete(total):
+        if not total.requires_grad:
+            return total.addmm_(a, b)
+    return total + matmul(a, b)
+
+
 def read(tensor) -> np.ndarray:
     """A concrete tensor's values as a NumPy array.
 

@@ -346,7 +346,7 @@ def _chunk_losses(spec, c: _Chunk, t, y, weights):
 
 class _Gradients(NamedTuple):
     inputs: object  # [C, D]
-    kernel: object  # [D, V]
+    kernel: tuple  # (a, b): the [D, V] gradient is a @ b
     bias: object  # [V]
     temperature: object  # scalar
 
@@ -375,8 +375,9 @@ def _chunk_gradients(spec, c: _Chunk, h, w, t, y, weights) -> _Gradients:
     if spec.soft_cap is not None:
         d_logits = d_logits * (1.0 - ops.square(c.logits / spec.soft_cap))
     return _Gradients(
-        inputs=_backend.matmul(d_logits, ops.transpose(w)),
-        kernel=_backend.matmul(ops.transpose(h), d_logits),
+        # (w @ dz^T)^T: TensorFlow would copy the whole kernel to transpose it.
+        inputs=ops.transpose(_backend.matmul(w, ops.transpose(d_logits))),
+        kernel=(ops.transpose(h), d_logits),  # a product, summed by the caller
         bias=ops.sum(d_logits, axis=0),
         temperature=dt,
     )
@@ -409,7 +410,8 @@ def _scan_loss_and_gradients(spec, h, w, b, t, y, weights):
         c = _chunk_logits(spec, h_c, w, b, t)
         loss = loss + ops.sum(_chunk_losses(spec, c, t, y_c, weights_c))
         g = _chunk_gradients(spec, c, h_c, w, t, y_c, weights_c)
-        carry = (loss, dw + g.kernel, db + g.bias, dt + g.temperature)
+        dw = _backend.add_matmul(dw, *g.kernel)
+        carry = (loss, dw, db + g.bias, dt + g.temperature)
         return carry, (g.inputs,)
 
     zero = ops.zeros((), w.dtype)
