@@ -41,7 +41,7 @@ def _contenders(backend):
     return (FUSED, NAIVE, TORCH_CHUNKED) if backend == "torch" else (FUSED, NAIVE)
 
 
-def _step(backend, which, tokens, depth, vocabulary):
+def _step(backend, which, tokens, depth, vocabulary, chunk_size=None):
     """`(step, sync)`: one training step on a fixed problem, and its wait."""
     import keras
 
@@ -63,7 +63,9 @@ def _step(backend, which, tokens, depth, vocabulary):
             with tf.GradientTape() as tape:
                 tape.watch(h)
                 if which == FUSED:
-                    value = keras_softmax.linear_cross_entropy(y, h, w, b)
+                    value = keras_softmax.linear_cross_entropy(
+                        y, h, w, b, chunk_size=chunk_size
+                    )
                 else:
                     value = keras_loss(y, tf.matmul(h, w) + b)
             return value, tape.gradient(value, [h, w, b])
@@ -80,7 +82,9 @@ def _step(backend, which, tokens, depth, vocabulary):
 
         def loss(h, w, b):
             if which == FUSED:
-                return keras_softmax.linear_cross_entropy(y, h, w, b)
+                return keras_softmax.linear_cross_entropy(
+                    y, h, w, b, chunk_size=chunk_size
+                )
             return keras_loss(y, h @ w + b)
 
         grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
@@ -101,7 +105,9 @@ def _step(backend, which, tokens, depth, vocabulary):
         for t in (h, w, b, w_t):
             t.grad = None
         if which == FUSED:
-            value = keras_softmax.linear_cross_entropy(y, h, w, b)
+            value = keras_softmax.linear_cross_entropy(
+                y, h, w, b, chunk_size=chunk_size
+            )
         elif which == NAIVE:
             value = F.cross_entropy(F.linear(h, w_t, b), y)
         else:
@@ -114,7 +120,7 @@ def _step(backend, which, tokens, depth, vocabulary):
     return step, lambda result: float(result)
 
 
-def peak_memory(backend, which, tokens, depth, vocabulary):
+def peak_memory(backend, which, tokens, depth, vocabulary, chunk_size=None):
     """Extra peak RSS, in MiB, of one step, after a small one has warmed up.
 
     The problem is made before the first reading; the step's first call
@@ -122,9 +128,9 @@ def peak_memory(backend, which, tokens, depth, vocabulary):
     """
     # The small step's tensors stay alive: memory they freed could
     # otherwise be reused unseen.
-    small, sync = _step(backend, which, 64, depth, vocabulary)
+    small, sync = _step(backend, which, 64, depth, vocabulary, chunk_size)
     sync(small())
-    step, sync = _step(backend, which, tokens, depth, vocabulary)
+    step, sync = _step(backend, which, tokens, depth, vocabulary, chunk_size)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sync(step())
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -136,6 +142,9 @@ def main(argv=None):
     parser.add_argument("--backend", choices=SIZES, default="tensorflow")
     parser.add_argument("--tokens", type=int, help="N (default: the issue's)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds")
+    parser.add_argument(
+        "--chunk-size", type=int, help="linear_cross_entropy's (default: its own)"
+    )
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help="skip the timing")
     args = parser.parse_args(argv)
@@ -144,21 +153,31 @@ def main(argv=None):
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.memory_of:
-        print(peak_memory(args.backend, args.memory_of, tokens, depth, vocabulary))
+        print(
+            peak_memory(
+                args.backend, args.memory_of, tokens, depth, vocabulary, args.chunk_size
+            )
+        )
         return
     contenders = _contenders(args.backend)
-    print(f"{args.backend}: N = {tokens}, D = {depth}, V = {vocabulary}, float32")
+    chunk = f", chunk_size = {args.chunk_size}" if args.chunk_size else ""
+    print(
+        f"{args.backend}: N = {tokens}, D = {depth}, V = {vocabulary}, float32{chunk}"
+    )
     memory = {}
     for which in contenders:
         command = [sys.executable, __file__, "--backend", args.backend]
         command += ["--tokens", str(tokens), "--memory-of", which]
+        if args.chunk_size:
+            command += ["--chunk-size", str(args.chunk_size)]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         memory[which] = float(result.stdout.split()[-1])
     if not args.memory_only:
         from _timing import interleaved_timings
 
         steps = {
-            w: _step(args.backend, w, tokens, depth, vocabulary) for w in contenders
+            w: _step(args.backend, w, tokens, depth, vocabulary, args.chunk_size)
+            for w in contenders
         }
         sync = steps[FUSED][1]
         timings = interleaved_timings(

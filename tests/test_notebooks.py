@@ -46,6 +46,7 @@ NOTEBOOKS = [
     "03_train_export_serve",
     "04_calibration",
     "05_attention",
+    "06_large_vocabulary",
 ]
 MAX_SECONDS = 120
 REL_TOL, ABS_TOL = 0.0, 0.0
