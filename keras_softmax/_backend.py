@@ -67,11 +67,29 @@ def is_concrete(tensor) -> bool:
     if backend == "torch":
         import torch
 
+        # A traced value (torch.jit.trace, the ONNX exporter) read now would
+        # be frozen into the trace.
         return not (
             torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
             or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
         )
     return True
+
+
+def static_shape(x) -> tuple:
+    """`x`'s shape as Python ints, with None for sizes not known now.
+
+    PyTorch's tracer (`torch.jit.trace`, the ONNX exporter) traces sizes as
+    tensors, so while it runs every size is None: branching on one would
+    freeze the example's size into the trace.
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.jit.is_tracing():
+            return (None,) * len(x.shape)
+    return tuple(x.shape)
 
 
 def reduce_max(x, axis=None, keepdims=False):
@@ -146,7 +164,9 @@ def cond_no_nan(value, true_fn, false_fn):
     if is_concrete(value):
         has_nan = np.isnan(read(value)).any()
         return false_fn() if has_nan else true_fn()
-    return keras.ops.cond(keras.ops.any(keras.ops.isnan(value)), false_fn, true_fn)
+    # Every axis named: PyTorch's ONNX exporter fails on `any` with none.
+    has_nan = keras.ops.any(keras.ops.isnan(value), axis=tuple(range(len(value.shape))))
+    return keras.ops.cond(has_nan, false_fn, true_fn)
 
 
 def graph_when_large(fn):

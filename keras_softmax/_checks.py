@@ -153,7 +153,7 @@ def to_temperature(temperature, x, axis):
             f"Received: temperature={temperature!r}"
         )
     t = ops.cast(_backend.to_tensor(temperature), x.dtype)
-    check_temperature_shape(t.shape, x.shape, axis)
+    check_temperature_shape(_backend.static_shape(t), _backend.static_shape(x), axis)
     if _backend.is_concrete(t):
         values = _backend.read(t)
         if not np.all(np.isfinite(values) & (values > 0)):
@@ -165,7 +165,9 @@ def to_temperature(temperature, x, axis):
             # The untempered path: a layer's default temperature costs nothing.
             return 1.0
         return t
-    valid = ops.all(ops.logical_and(t > 0, t < math.inf))
+    # Every axis named: PyTorch's ONNX exporter fails on `all` with none.
+    every_axis = tuple(range(len(t.shape)))
+    valid = ops.all(ops.logical_and(t > 0, t < math.inf), axis=every_axis)
     return ops.where(valid, t, math.nan)
 
 
@@ -174,7 +176,7 @@ def check_temperature_shape(t_shape, x_shape, axis):
     t_shape, x_shape = tuple(t_shape), tuple(x_shape)
     axes = axis if isinstance(axis, tuple) else (axis,)
     padded = (1,) * (len(x_shape) - len(t_shape)) + t_shape
-    if not _broadcasts(t_shape, x_shape) or any(
+    if not broadcasts(t_shape, x_shape) or any(
         padded[a] not in (1, None) for a in axes
     ):
         raise ValueError(
@@ -189,7 +191,7 @@ def to_keep_mask(mask, x):
     if mask is None:
         return None
     mask = ops.convert_to_tensor(mask)
-    check_mask_shape(mask.shape, x.shape)
+    check_mask_shape(_backend.static_shape(mask), _backend.static_shape(x))
     if keras.backend.standardize_dtype(mask.dtype) != "bool":
         mask = ops.greater(mask, 0.5)
     return mask
@@ -198,7 +200,7 @@ def to_keep_mask(mask, x):
 def check_mask_shape(mask_shape, x_shape):
     """Raises unless a mask of `mask_shape` broadcasts to `x_shape`."""
     mask_shape, x_shape = tuple(mask_shape), tuple(x_shape)
-    if not _broadcasts(mask_shape, x_shape):
+    if not broadcasts(mask_shape, x_shape):
         extra = (
             " and must not have more dimensions"
             if len(mask_shape) > len(x_shape)
@@ -210,7 +212,7 @@ def check_mask_shape(mask_shape, x_shape):
         )
 
 
-def _broadcasts(shape, to_shape):
+def broadcasts(shape, to_shape) -> bool:
     """Whether `shape` broadcasts to `to_shape` (unknown sizes fit anything)."""
     return len(shape) <= len(to_shape) and all(
         a is None or b is None or a in (1, b)

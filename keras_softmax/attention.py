@@ -108,10 +108,12 @@ def dot_product_attention(
         )
     temperature = check_temperature(temperature)
     mask, bias = (None if t is None else _tensor(t) for t in (mask, bias))
+    scores = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
     for name, tensor in (("mask", mask), ("bias", bias)):
-        if tensor is not None and len(tensor.shape) > 4:
+        if tensor is not None and not _checks.broadcasts(tensor.shape, scores):
             raise ValueError(
-                f"`{name}` must be broadcastable to (B, N, T, S). "
+                f"`{name}` must be broadcastable to the scores' shape (batch, "
+                f"heads, queries, keys) = {scores}. "
                 f"Received: {name}.shape={tuple(tensor.shape)}"
             )
     tensors = (query, key, value, bias, mask)

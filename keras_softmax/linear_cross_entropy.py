@@ -300,7 +300,7 @@ def _weighted_sum_rule(spec):
 class _Chunk(NamedTuple):
     """One chunk's tempered, shifted logits and what the loss needs of them."""
 
-    logits: object  # soft-capped, before the temperature
+    logits: object  # soft-capped, before the temperature; None without a cap
     shifted: object  # (logits - top) / t
     exp_shifted: object
     top: object  # [C, 1]
@@ -316,6 +316,8 @@ def _chunk_logits(spec, h, w, b, t):
         shifted = shifted / t
     exp_shifted = ops.exp(shifted)
     total = ops.sum(exp_shifted, axis=-1, keepdims=True)
+    # Only the cap's derivative needs them: eager backends free them now.
+    logits = logits if spec.soft_cap is not None else None
     return _Chunk(logits, shifted, exp_shifted, top, total, ops.log(total))
 
 
@@ -353,7 +355,7 @@ class _Gradients(NamedTuple):
 
 def _chunk_gradients(spec, c: _Chunk, h, w, t, y, weights) -> _Gradients:
     """The gradients of `sum(weights * losses)` over one chunk."""
-    vocabulary = c.logits.shape[-1]
+    vocabulary = c.shifted.shape[-1]
     # d loss / d z, with the weights folded into the softmax's scale.
     scale = weights[:, None] / c.total
     if spec.z_loss:

@@ -1,8 +1,10 @@
 """`StableMultiHeadAttention`: Keras' layer, with fully masked queries at 0."""
 
 import functools
+import inspect
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_softmax import _checks
@@ -138,6 +140,12 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             return self._fixed_temperature
         return self._stable_softmax.current_temperature()
 
+    def __call__(self, *args, **kwargs):
+        # Here, not in `call`: Keras' layer gives symbolic calls their shape
+        # without running `call`.
+        _check_attention_mask(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
     def _masked_softmax(self, attention_scores, attention_mask=None):
         # Keras' explicit path, taken for attention over several axes.
         if attention_mask is not None:
@@ -226,3 +234,25 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
 def _checked(temperature, trainable_temperature):
     trainable_temperature = _checks.check_trainable_temperature(trainable_temperature)
     return _checks.check_temperature_value(temperature), trainable_temperature
+
+
+def _check_attention_mask(*args, **kwargs):
+    """A ValueError naming both shapes, where Keras would fail deep inside."""
+    try:
+        arguments = _CALL.bind(None, *args, **kwargs).arguments
+    except TypeError:
+        return  # Keras' own call reports what is wrong with the arguments
+    query, value = arguments["query"], arguments["value"]
+    attention_mask = arguments.get("attention_mask")
+    if attention_mask is None or len(query.shape) != 3:
+        return  # attention over several axes: Keras checks it
+    expected = (query.shape[0], query.shape[1], value.shape[1])
+    shape = tuple(getattr(attention_mask, "shape", np.shape(attention_mask)))
+    if not _checks.broadcasts(shape, expected):
+        raise ValueError(
+            "`attention_mask` must be broadcastable to (batch, queries, keys) "
+            f"= {expected}. Received: attention_mask.shape={shape}"
+        )
+
+
+_CALL = inspect.signature(keras.layers.MultiHeadAttention.call)

@@ -125,7 +125,7 @@ def _stable(x, axis, mask, temperature, log):
     axis = _checks.normalize_axis(axis, len(x.shape))
     t = _checks.to_temperature(temperature, x, axis)
     keep = _checks.to_keep_mask(mask, x)
-    if any(size == 0 for size in x.shape):
+    if 0 in _backend.static_shape(x):
         return ops.zeros(ops.shape(x), output_dtype)
     # A Python temperature is a constant: no derivative in it is ever taken.
     t_varies = not isinstance(t, float)
@@ -133,7 +133,7 @@ def _stable(x, axis, mask, temperature, log):
         t = None if t == 1.0 else ops.convert_to_tensor(t, x.dtype)
 
     single = isinstance(axis, int)
-    if single and x.shape[axis] == 1:
+    if single and _backend.static_shape(x)[axis] == 1:
         # Keras' own hint, word for word; the compiled path does not repeat it.
         warnings.warn(
             f"You are using a softmax over axis {axis} of a tensor of shape "

@@ -1,10 +1,13 @@
-"""Re-executes the tutorial notebooks in place, so their saved outputs are current.
+"""Runs the tutorial notebooks; with `--write`, saves their fresh outputs.
 
-This is the one command that regenerates the outputs committed with the
-notebooks (run it after changing a notebook or the code it shows):
+Without `--write` it runs each notebook and says whether it ran clean,
+leaving the files as they are. With `--write` it is the one command that
+regenerates the outputs committed with the notebooks (run it after changing
+a notebook or the code it shows):
 
-    python notebooks/run_notebooks.py                        # all of them
-    python notebooks/run_notebooks.py 02_masking_and_temperature.ipynb
+    python notebooks/run_notebooks.py                     # run all, write nothing
+    python notebooks/run_notebooks.py --write             # regenerate all
+    python notebooks/run_notebooks.py --write 02_masking_and_temperature.ipynb
 
 It needs the packages the notebooks import: nbclient, nbformat, ipykernel and
 matplotlib, and, for the PyTorch row of the first notebook, torch (a CPU
@@ -78,14 +81,23 @@ def execute(path, env=None):
 
 
 def main(argv=None) -> int:
+    import argparse
+
     import nbformat
 
-    names = sys.argv[1:] if argv is None else argv
-    paths = [NOTEBOOK_DIR / pathlib.Path(name).name for name in names] or NOTEBOOKS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="notebooks to run (default: all)")
+    parser.add_argument(
+        "--write", action="store_true", help="save the fresh outputs into the files"
+    )
+    args = parser.parse_args(argv)
+    paths = [NOTEBOOK_DIR / pathlib.Path(n).name for n in args.names] or NOTEBOOKS
     for path in paths:
         notebook, seconds = execute(path)
-        nbformat.write(notebook, path)
-        print(f"{path.name}: executed and saved in {seconds:.0f} s")
+        if args.write:
+            nbformat.write(notebook, path)
+        done = "executed and saved" if args.write else "ran clean (not saved)"
+        print(f"{path.name}: {done} in {seconds:.0f} s")
     return 0
 
 

@@ -10,4 +10,11 @@ import hypothesis  # noqa: E402
 hypothesis.settings.register_profile(
     "default", deadline=None, max_examples=60, derandomize=True, database=None
 )
+# .ci/run runs the suite on three backends. The generated cases and the
+# formula are the same on each; TensorFlow, the README's test command, tries
+# 60 cases per property, and JAX and PyTorch a third of them, as the CI's
+# time allows.
+hypothesis.settings.register_profile(
+    "other-backends", hypothesis.settings.get_profile("default"), max_examples=20
+)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -290,3 +290,11 @@ def test_bad_argument_raises_value_error_naming_it(kwargs, argument):
     arguments = {"query": _q, "key": _q, "value": _q, **kwargs}
     with pytest.raises(ValueError, match=f"`{argument}`"):
         dot_product_attention(**arguments)
+
+
+@pytest.mark.parametrize("name", ["mask", "bias"])
+def test_mask_or_bias_of_the_wrong_shape_names_both_shapes(name):
+    q, k = np.zeros((2, 3, 2, 4), "float32"), np.zeros((2, 5, 2, 4), "float32")
+    wrong = np.ones((1, 1, 2, 5), "float32")  # 2 queries, not 3
+    with pytest.raises(ValueError, match=rf"`{name}`.*\(2, 2, 3, 5\).*\(1, 1, 2, 5\)"):
+        dot_product_attention(q, k, k, **{name: wrong})

@@ -28,6 +28,7 @@ from keras_softmax.calibration import ExpectedCalibrationError
 from keras_softmax.calibration import calibrate
 from keras_softmax.calibration import expected_calibration_error
 from keras_softmax.calibration import fit_temperature
+from keras_softmax.calibration import logits_model
 from keras_softmax.calibration import reliability_diagram
 
 matplotlib.use("Agg")
@@ -772,6 +773,56 @@ def test_calibrate_names_y_val_when_it_does_not_fit(trained):
         calibrate(model, x_val, y_val + 1)
     with pytest.raises(ValueError, match=r"`y_val` must have shape"):
         calibrate(model, x_val, y_val[:-1])
+
+
+def test_fit_temperature_refuses_probabilities_and_says_how_to_get_logits(trained):
+    model, x_val, y_val = trained
+    probabilities = model.predict(x_val, verbose=0)
+    with pytest.raises(ValueError, match=r"look like probabilities.*logits_model"):
+        fit_temperature(probabilities, y_val)
+    logits = logits_model(model).predict(x_val, verbose=0)
+    # The calibrated layer keeps its temperature in a float32 variable.
+    assert fit_temperature(logits, y_val) == pytest.approx(
+        calibrate(model, x_val, y_val).layers[-1].temperature, rel=1e-6
+    )
+
+
+def test_log_probabilities_fit_the_temperature_of_their_logits(trained):
+    # log softmax(z) is z shifted per row, which no temperature sees.
+    model, x_val, y_val = trained
+    logits = logits_model(model).predict(x_val, verbose=0).astype(np.float64)
+    log_probabilities = np.log(reference_softmax(logits))
+    assert fit_temperature(log_probabilities, y_val) == pytest.approx(
+        fit_temperature(logits, y_val), rel=1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        lambda: [keras.layers.Dense(3, activation="stable_softmax")],
+        lambda: [keras.layers.Dense(3, activation="softmax")],
+        lambda: [keras.layers.Dense(3), StableSoftmax()],
+        lambda: [keras.layers.Dense(3, activation=StableSoftmax(temperature=2.0))],
+    ],
+)
+def test_logits_model_gives_what_the_last_softmax_normalises(head):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4), *head()])
+    x = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
+    logits = keras.ops.convert_to_numpy(logits_model(model)(x))
+    activation = getattr(model.layers[-1], "activation", None)
+    temperature = getattr(activation, "temperature", 1.0)
+    np.testing.assert_allclose(
+        reference_softmax(logits.astype(np.float64) / temperature),
+        keras.ops.convert_to_numpy(model(x)),
+        atol=1e-6,
+    )
+
+
+def test_logits_model_names_itself_in_its_errors():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, "relu")])
+    with pytest.raises(ValueError, match=r"`logits_model` supports a model whose"):
+        logits_model(model)
 
 
 # --- reliability_diagram ----------------------------------------------------

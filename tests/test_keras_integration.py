@@ -2,6 +2,7 @@
 
 import json
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -331,3 +332,33 @@ def test_works_inside_traced_and_compiled_functions():
 
 def test_package_version_is_exposed():
     assert keras_softmax.__version__.count(".") == 2
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.onnx exports on this backend")
+def test_onnx_export_on_pytorch_serves_the_keras_result_and_we_warn_nothing(tmp_path):
+    import onnxruntime
+
+    inputs = keras.Input((4,), name="x")
+    mask = keras.Input((3,), dtype="bool", name="keep")
+    logits = keras.layers.Dense(3, activation="stable_softmax")(inputs)
+    model = keras.Model([inputs, mask], StableSoftmax(temperature=2.0)(logits, mask))
+    x = np.array([[0.5, -1.0, 2.0, 3.0], [1e4, 0.0, -1e4, 5.0]], "float32")
+    keep = np.array([[True, False, True], [False, False, False]])
+    expected = to_numpy(model([x, keep]))  # Keras exports a model once called
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.export(str(path), format="onnx", verbose=False)
+    ours = [
+        f"{w.filename}:{w.lineno}: {w.message}"
+        for w in caught
+        if "keras_softmax" in w.filename
+    ]
+    assert ours == []
+    session = onnxruntime.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"]
+    )
+    names = [i.name for i in session.get_inputs()]
+    served = session.run(None, dict(zip(names, [x, keep], strict=True)))[0]
+    np.testing.assert_allclose(served, expected, atol=1e-6)
+    np.testing.assert_array_equal(served[1], 0.0)  # a fully masked row

@@ -277,6 +277,18 @@ def test_bad_argument_raises_value_error_naming_it(kwargs, argument):
         StableMultiHeadAttention.from_config({**config, **kwargs})
 
 
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_attention_mask_of_the_wrong_shape_names_both_shapes(symbolic):
+    layer = StableMultiHeadAttention(2, 4)
+    x = np.ones((2, 3, 8), "float32")
+    wrong = np.ones((1, 2, 5), bool)  # 2 queries and 5 keys, not 3 and 3
+    if symbolic:
+        x, wrong = keras.Input((3, 8)), keras.Input((2, 5), dtype="bool")
+    expected = r"\((2|None), 3, 3\).*attention_mask.shape=\((1|None), 2, 5\)"
+    with pytest.raises(ValueError, match=expected):
+        layer(x, x, attention_mask=wrong)
+
+
 def test_keras_layer_test_harness():
     from keras.src import testing
 

@@ -25,7 +25,7 @@ their outputs are not compared (they differ by design);
 check that fallback, whether torch is installed or not.
 
 Needs the `notebooks` extra (nbclient, nbformat, ipykernel, matplotlib).
-Regenerate the outputs with `python notebooks/run_notebooks.py`.
+Regenerate the outputs with `python notebooks/run_notebooks.py --write`.
 """
 
 import importlib.util
@@ -175,7 +175,7 @@ def test_notebook_runs_clean_and_matches_its_committed_outputs(name):
     problems = mismatches(committed, fresh, skip_tag)
     assert not problems, (
         f"{path.name}: the committed outputs are out of date; regenerate them "
-        "with python notebooks/run_notebooks.py\n\n" + "\n\n".join(problems)
+        "with python notebooks/run_notebooks.py --write\n\n" + "\n\n".join(problems)
     )
 
 

@@ -10,6 +10,8 @@ the model says it is. One module per job:
   validation NLL, exactly; `calibrate` turns a trained classifier into one
   that ends with `StableSoftmax(temperature=T)`, so it saves and loads like
   any model.
+- `logits`: `logits_model` gives a model of a classifier's logits, what
+  its softmax normalises and `fit_temperature` needs.
 - `metric`: `expected_calibration_error` and the `ExpectedCalibrationError`
   metric measure the top-label calibration error with equal-width bins.
 - `plot`: `reliability_diagram` draws accuracy against confidence (needs
@@ -20,6 +22,7 @@ written with `keras.ops` only, so it runs inside `fit` and `evaluate`. Every
 name is importable from `keras_softmax.calibration` itself.
 """
 
+from keras_softmax.calibration.logits import logits_model
 from keras_softmax.calibration.metric import ExpectedCalibrationError
 from keras_softmax.calibration.metric import expected_calibration_error
 from keras_softmax.calibration.plot import reliability_diagram
@@ -31,5 +34,6 @@ __all__ = [
     "calibrate",
     "expected_calibration_error",
     "fit_temperature",
+    "logits_model",
     "reliability_diagram",
 ]

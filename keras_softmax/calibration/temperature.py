@@ -10,8 +10,8 @@ import numpy as np
 
 from keras_softmax.calibration._inputs import check_labels
 from keras_softmax.calibration._inputs import check_scores
-from keras_softmax.calibration._rebuild import free_name
-from keras_softmax.calibration._rebuild import logits_of
+from keras_softmax.calibration.logits import free_name
+from keras_softmax.calibration.logits import logits_of
 from keras_softmax.layer import StableSoftmax
 
 # The range `fit_temperature` searches. At the ends the data asks for more:
@@ -39,6 +39,14 @@ def fit_temperature(logits, labels) -> float:
     `T` (logits that differ by 1e-100, say), any `T` in that range is a
     minimiser, and which one is returned is not specified.
 
+    Probabilities are not logits: where every row is in `[0, 1]` and sums
+    to 1 (one-hot rows aside), a `ValueError` says so, and
+    `logits_model(model).predict(x)` gives a model's logits. Adding a
+    constant to a row changes no fitted temperature, so logits that only
+    look like probabilities can be shifted; and log-probabilities of a
+    softmax are its logits shifted per row: `np.log(probabilities)` works
+    where no probability is 0.
+
     Args:
         logits: Float array or tensor of shape `(num_examples, num_classes)`,
             finite, with at least two classes.
@@ -53,11 +61,11 @@ def fit_temperature(logits, labels) -> float:
 
     >>> import numpy as np
     >>> from keras_softmax.calibration import fit_temperature
-    >>> logits = np.array([[1.0, 0.0]] * 4)
+    >>> logits = np.array([[2.0, 0.0]] * 4)
     >>> labels = np.array([0, 0, 0, 1])
-    >>> # Right 3 times in 4: the best fit gives 3/4, at T = 1 / ln 3.
+    >>> # Right 3 times in 4: the best fit gives 3/4, at T = 2 / ln 3.
     >>> round(fit_temperature(logits, labels), 6)
-    0.910239
+    1.820478
 
     Reference:
 
@@ -65,8 +73,27 @@ def fit_temperature(logits, labels) -> float:
       of Modern Neural Networks", ICML 2017.
     """
     z = check_scores(logits, "logits")
+    _refuse_probabilities(z)
     y = check_labels(labels, z.shape, "labels")
     return _fit_temperature(z, y)
+
+
+def _refuse_probabilities(z):
+    """A fitted `T` of probabilities would be plausible and meaningless."""
+    # One-hot rows are kept: as logits they are an ordinary margin of 1.
+    inside = (z > 0) & (z < 1)
+    rows_are_distributions = np.all((z >= 0) & (z <= 1)) and np.allclose(
+        z.sum(axis=1), 1.0, atol=1e-5
+    )
+    if rows_are_distributions and np.any(inside):
+        raise ValueError(
+            "`logits` look like probabilities: every row is in [0, 1] and "
+            "sums to 1. `fit_temperature` needs the logits the softmax "
+            "normalises: `keras_softmax.calibration.logits_model(model)"
+            ".predict(x)` gives them, and `calibrate(model, x_val, y_val)` "
+            f"fits and applies the temperature in one call. Received: "
+            f"logits[0]={z[0].tolist()}"
+        )
 
 
 def calibrate(model: keras.Model, x_val, y_val) -> keras.Model:
@@ -122,7 +149,7 @@ def calibrate(model: keras.Model, x_val, y_val) -> keras.Model:
     - [Guo et al., 2017](https://arxiv.org/abs/1706.04599), "On Calibration
       of Modern Neural Networks".
     """
-    inputs, logits = logits_of(model)
+    inputs, logits = logits_of(model, "calibrate")
     if len(logits.shape) != 2:
         raise ValueError(
             "`calibrate` needs a model whose logits have shape "

@@ -1,8 +1,8 @@
-"""Reading the logits off a trained classifier, for `calibrate` to rebuild it.
+"""The logits of a trained classifier: the tensor its softmax normalises.
 
-`calibrate` needs the symbolic tensor that the model's softmax normalises:
-`logits_of` finds it for the heads it supports, and says which those are
-when it meets another.
+`logits_model` gives a model of them, for `fit_temperature` or any other
+use; `calibrate` rebuilds the classifier on them. `logits_of` finds them
+for the heads it supports, and says which those are when it meets another.
 """
 
 import keras
@@ -11,8 +11,54 @@ from keras_softmax.layer import StableSoftmax
 from keras_softmax.softmax import stable_softmax
 
 
-def logits_of(model):
-    """`(inputs, logits)`: the symbolic inputs and logits of `model`."""
+def logits_model(model: keras.Model) -> keras.Model:
+    """A model with the inputs of `model` whose output is its logits.
+
+    The logits are what the last softmax of `model` normalises: what
+    `fit_temperature` needs, and what `model.predict` never shows. The new
+    model shares its layers and weights with `model`.
+
+    The last layer of `model` must be one of:
+
+    - a layer whose activation is `"stable_softmax"`, `"softmax"` or a
+      `StableSoftmax`, e.g. `Dense(C, activation="stable_softmax")`: a copy
+      of the layer, with its weights and no activation, gives the logits;
+    - a `StableSoftmax`, `Softmax` or softmax `Activation` layer over the
+      last axis: its input is the logits;
+    - a layer with a linear activation, e.g. `Dense(C)`: its output is the
+      logits.
+
+    Args:
+        model: A built Sequential or functional `keras.Model` with one
+            output.
+
+    Returns:
+        A functional `keras.Model` named `f"{model.name}_logits"`.
+
+    Example:
+
+    >>> import keras
+    >>> import numpy as np
+    >>> import keras_softmax
+    >>> from keras_softmax.calibration import logits_model
+    >>> model = keras.Sequential(
+    ...     [keras.Input((2,)), keras.layers.Dense(3, activation="stable_softmax")]
+    ... )
+    >>> x = np.ones((1, 2), "float32")
+    >>> logits = logits_model(model).predict(x, verbose=0)
+    >>> probabilities = keras_softmax.stable_softmax(logits)
+    >>> bool(np.allclose(probabilities, model.predict(x, verbose=0)))
+    True
+    """
+    inputs, logits = logits_of(model, "logits_model")
+    return keras.Model(inputs, logits, name=f"{model.name}_logits")
+
+
+def logits_of(model, caller: str):
+    """`(inputs, logits)`: the symbolic inputs and logits of `model`.
+
+    Errors name `caller`, the public function that was called.
+    """
     if not isinstance(model, keras.Model):
         raise ValueError(
             "`model` must be a keras.Model. "
@@ -32,29 +78,29 @@ def logits_of(model):
         )
     # A Sequential model has one input, and no `input` until it is called.
     inputs = model.inputs[0] if isinstance(model, keras.Sequential) else model.input
-    return inputs, _head_logits(model, outputs[0])
+    return inputs, _head_logits(model, outputs[0], caller)
 
 
-def _head_logits(model, output):
+def _head_logits(model, output, caller):
     """The logits that the last layer of `model` turns into `output`."""
     head = output._keras_history.operation
     activation = getattr(head, "activation", None)
     rank = len(output.shape)
 
     if isinstance(head, (StableSoftmax, keras.layers.Softmax)):
-        _check_last_axis(head.axis, rank, head)
-        return _input_of(head)
+        _check_last_axis(head.axis, rank, head, caller)
+        return _input_of(head, caller)
     if isinstance(head, keras.layers.Activation) and _is_softmax(activation):
-        return _input_of(head)
+        return _input_of(head, caller)
     if _is_softmax(activation):
         if isinstance(activation, StableSoftmax):
-            _check_last_axis(activation.axis, rank, head)
+            _check_last_axis(activation.axis, rank, head, caller)
         # The same layer, weights and all, but without its activation.
         config = head.get_config()
         config["activation"] = "linear"
         config["name"] = free_name(model, f"{head.name}_logits")
         copy = type(head).from_config(config)
-        logits = copy(_input_of(head))
+        logits = copy(_input_of(head, caller))
         # The head's own weights: a StableSoftmax activation brings its
         # temperature variable to the layer's weights too.
         activation_weights = {id(w) for w in getattr(activation, "weights", ())}
@@ -65,7 +111,7 @@ def _head_logits(model, output):
         return output
     described = "no activation" if activation is None else f"activation {activation}"
     raise ValueError(
-        "`calibrate` supports a model whose last layer has the activation "
+        f"`{caller}` supports a model whose last layer has the activation "
         "`stable_softmax` or `softmax` (e.g. Dense(C, activation="
         "'stable_softmax')), is a StableSoftmax, Softmax or softmax Activation "
         "layer, or has a linear activation (its output is then the logits). "
@@ -82,20 +128,20 @@ def _is_softmax(activation):
     )
 
 
-def _check_last_axis(axis, rank, head):
+def _check_last_axis(axis, rank, head, caller):
     if axis not in (-1, rank - 1):
         raise ValueError(
-            "`calibrate` needs the softmax over the last axis. "
+            f"`{caller}` needs the softmax over the last axis. "
             f"Received: layer {head.name!r} with axis={axis!r}"
         )
 
 
-def _input_of(layer):
+def _input_of(layer, caller):
     try:
         return layer.input
     except (AttributeError, ValueError) as error:
         raise ValueError(
-            f"`calibrate` needs the last layer to be called once, on one "
+            f"`{caller}` needs the last layer to be called once, on one "
             f"input. Received: layer {layer.name!r}"
         ) from error
 
