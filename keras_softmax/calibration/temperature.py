@@ -106,15 +106,9 @@ def calibrate(model: keras.Model, x_val, y_val) -> keras.Model:
     saves to `.keras` and loads with `safe_mode=True` once `keras_softmax`
     is imported.
 
-    The logits are read off the last layer of `model`, which must be one of:
-
-    - a layer whose activation is `"stable_softmax"`, `"softmax"` or a
-      `StableSoftmax`, e.g. `Dense(C, activation="stable_softmax")`: a copy
-      of the layer, with its weights and no activation, gives the logits;
-    - a `StableSoftmax`, `Softmax` or softmax `Activation` layer over the
-      last axis: its input is the logits;
-    - a layer with a linear activation, e.g. `Dense(C)`: its output is the
-      logits.
+    The logits are read off the last layer of `model` as `logits_model`
+    reads them, which says which last layers it supports: a softmax
+    activation or layer, or a linear one.
 
     The returned model shares every other layer with `model`, so training
     one trains the other.
