@@ -134,7 +134,8 @@ def add_matmul(total, a, b):
     Eager PyTorch would otherwise hold the product and the new sum beside
     the old one: three copies of a large vocabulary's kernel gradient.
     """
-    if keras.backend.backend() == "torch" and is_concrete(total):
+    # Not under torch.func: a vmapped operand cannot be added into `total`.
+    if keras.backend.backend() == "torch" and all(map(is_concrete, (total, a, b))):
         if not total.requires_grad:
             return total.addmm_(a, b)
     return total + matmul(a, b)

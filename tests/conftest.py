@@ -12,9 +12,9 @@ hypothesis.settings.register_profile(
 )
 # .ci/run runs the suite on three backends. The generated cases and the
 # formula are the same on each; TensorFlow, the README's test command, tries
-# 60 cases per property, and JAX and PyTorch a third of them, as the CI's
-# time allows.
+# 60 cases per property, and JAX and PyTorch 10 of them, as the CI's time
+# allows.
 hypothesis.settings.register_profile(
-    "other-backends", hypothesis.settings.get_profile("default"), max_examples=20
+    "other-backends", hypothesis.settings.get_profile("default"), max_examples=10
 )
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -1,6 +1,7 @@
 """Training over several devices, and the same accuracy on every backend."""
 
 import numpy as np
+import pytest
 from backends import BACKEND
 
 from keras_softmax import demo
@@ -26,6 +27,7 @@ def test_data_parallel_training_over_two_devices_reaches_single_device_accuracy(
     assert abs(parallel - single) <= 0.01
 
 
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="compares with TensorFlow")
 def test_classifier_accuracy_on_this_backend_is_within_001_of_tensorflows():
     data = demo.load_digits(seed=0)
     model = demo.build_model("stable_softmax", seed=0)
