@@ -2,21 +2,15 @@
 
 import importlib.metadata
 
-from keras_softmax import _quiet
-
-# Before Keras is imported: Keras imports TensorFlow, which logs as it loads.
-if _quiet.entry_point_running():
-    _quiet.quiet_tensorflow()
-
-from keras_softmax import calibration  # noqa: E402
-from keras_softmax.attention import dot_product_attention  # noqa: E402
-from keras_softmax.head import StableSoftmaxHead  # noqa: E402
-from keras_softmax.layer import StableSoftmax  # noqa: E402
-from keras_softmax.linear_cross_entropy import linear_cross_entropy  # noqa: E402
-from keras_softmax.multi_head_attention import StableMultiHeadAttention  # noqa: E402
-from keras_softmax.registration import register_activations  # noqa: E402
-from keras_softmax.softmax import stable_log_softmax  # noqa: E402
-from keras_softmax.softmax import stable_softmax  # noqa: E402
+from keras_softmax import calibration
+from keras_softmax.attention import dot_product_attention
+from keras_softmax.head import StableSoftmaxHead
+from keras_softmax.layer import StableSoftmax
+from keras_softmax.linear_cross_entropy import linear_cross_entropy
+from keras_softmax.multi_head_attention import StableMultiHeadAttention
+from keras_softmax.registration import register_activations
+from keras_softmax.softmax import stable_log_softmax
+from keras_softmax.softmax import stable_softmax
 
 # The version is written once, in pyproject.toml; an installed package,
 # editable or not, carries it in its metadata.

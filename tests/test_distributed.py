@@ -5,8 +5,8 @@ import pytest
 from backends import BACKEND
 
 from keras_softmax import demo
-from keras_softmax._fresh_process import check_python
-from keras_softmax._fresh_process import run_python
+from keras_softmax.demo.fresh_process import check_python
+from keras_softmax.demo.fresh_process import run_python
 
 
 def test_data_parallel_training_over_two_devices_reaches_single_device_accuracy():
@@ -15,7 +15,14 @@ def test_data_parallel_training_over_two_devices_reaches_single_device_accuracy(
     env = {"KERAS_BACKEND": BACKEND}
     if BACKEND == "jax":
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    command = ["-m", "keras_softmax.distributed", "--devices", "2", "--epochs", "15"]
+    command = [
+        "-m",
+        "keras_softmax.demo.distributed",
+        "--devices",
+        "2",
+        "--epochs",
+        "15",
+    ]
     result = run_python(*command, env=env, timeout=900)
     code, out, err = result.returncode, result.stdout, result.stderr
     if BACKEND == "torch":

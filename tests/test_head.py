@@ -12,8 +12,8 @@ from reference import to_numpy
 import keras_softmax
 from keras_softmax import StableSoftmax
 from keras_softmax import StableSoftmaxHead
-from keras_softmax import serving
-from keras_softmax._fresh_process import check_python
+from keras_softmax.demo import serving
+from keras_softmax.demo.fresh_process import check_python
 
 DEPTH, VOCABULARY = 6, 23
 

@@ -18,7 +18,7 @@ import keras_softmax
 from keras_softmax import StableSoftmax
 from keras_softmax import stable_log_softmax
 from keras_softmax import stable_softmax
-from keras_softmax._fresh_process import check_python
+from keras_softmax.demo.fresh_process import check_python
 
 
 def _run_fresh(code):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from reference import to_numpy
 
 from keras_softmax import linear_cross_entropy
-from keras_softmax._fresh_process import check_python
+from keras_softmax.demo.fresh_process import check_python
 
 
 def reference_losses(

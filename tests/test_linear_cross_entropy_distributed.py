@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from backends import BACKEND
 
-from keras_softmax._fresh_process import check_python
+from keras_softmax.demo.fresh_process import check_python
 
 _PROBLEM = """
     import numpy as np

@@ -10,7 +10,7 @@ from reference import to_numpy
 
 import keras_softmax
 from keras_softmax import StableMultiHeadAttention
-from keras_softmax import serving
+from keras_softmax.demo import serving
 
 
 def _pair(seed=0, temperature=1.0, **kwargs):

@@ -3,13 +3,21 @@
 The built wheel itself is tried by `.ci/check_wheel`, outside the checkout.
 """
 
+import ast
 import doctest
 import importlib
 import importlib.metadata
 import importlib.resources
+import pathlib
 import pkgutil
 
+import pytest
+from backends import BACKEND
+
 import keras_softmax
+from keras_softmax.demo.fresh_process import check_python
+
+LIBRARY = pathlib.Path(keras_softmax.__file__).parent
 
 
 def test_version_is_the_installed_metadata_version():
@@ -23,7 +31,8 @@ def test_package_marks_itself_as_typed():
 def _package_modules():
     yield keras_softmax
     for info in pkgutil.walk_packages(keras_softmax.__path__, "keras_softmax."):
-        yield importlib.import_module(info.name)
+        if not info.name.endswith(".__main__"):  # importing it runs the demo
+            yield importlib.import_module(info.name)
 
 
 def test_docstring_examples_of_the_package_run_in_the_suite(request):
@@ -44,3 +53,36 @@ def test_docstring_examples_of_the_package_run_in_the_suite(request):
         "keras_softmax.calibration.plot.reliability_diagram",
     ):
         assert name in with_examples
+
+
+def _library_sources():
+    """The library's modules: every one but the demo application's."""
+    return [
+        p for p in LIBRARY.rglob("*.py") if "demo" not in p.relative_to(LIBRARY).parts
+    ]
+
+
+def test_library_never_imports_the_demo_nor_reads_the_command_line():
+    for path in _library_sources():
+        tree = ast.parse(path.read_text())
+        imported = {
+            alias.name
+            if isinstance(node, ast.Import)
+            else f"{node.module}.{alias.name}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        assert not any(".demo" in name for name in imported), path
+        read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        assert not read & {"argv", "orig_argv"}, path
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="backend-independent; run once")
+def test_importing_the_library_loads_no_module_of_the_demo():
+    loaded = check_python(
+        "-c",
+        "import sys, keras_softmax\n"
+        "print(sorted(m for m in sys.modules if m.startswith('keras_softmax.demo')))",
+    )
+    assert loaded.split()[-1] == "[]"

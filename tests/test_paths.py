@@ -24,7 +24,7 @@ from keras_softmax import _backend
 from keras_softmax import softmax as core
 from keras_softmax import stable_log_softmax
 from keras_softmax import stable_softmax
-from keras_softmax._fresh_process import check_python
+from keras_softmax.demo.fresh_process import check_python
 
 
 def eager(fn):

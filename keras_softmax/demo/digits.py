@@ -19,7 +19,6 @@ run leaves the checkout as it was. The artefacts committed in
 
 import argparse
 import pathlib
-import sys
 import time
 import warnings
 
@@ -27,10 +26,10 @@ import keras
 import numpy as np
 
 from keras_softmax import _checks
-from keras_softmax import _cli
-from keras_softmax import _quiet
 from keras_softmax import calibration
-from keras_softmax import serving
+from keras_softmax.demo import cli
+from keras_softmax.demo import quiet
+from keras_softmax.demo import serving
 from keras_softmax.layer import StableSoftmax
 
 NAME = "digits_classifier"
@@ -180,7 +179,7 @@ def main(argv=None) -> int:
     output_dir = pathlib.Path(args.output_dir)
     paths = serving.save(stable, output_dir, NAME, formats)
     # LiteRT's interpreter announces itself on stderr, in C++.
-    with _quiet.without_tensorflow_log_lines():
+    with quiet.without_tensorflow_log_lines():
         differences = check_served(paths, stable, {INPUT_NAME: x_test})
     serving.write_manifest(
         output_dir,
@@ -292,7 +291,7 @@ def _temperature(text):
 
 
 def _parser():
-    parser = _cli.training_parser(
+    parser = cli.training_parser(
         prog="keras-softmax-demo",
         description="Train, evaluate, save, export and serve a digits classifier "
         "whose head is Dense(10, activation='stable_softmax'). Exits with 1 if "
@@ -316,7 +315,3 @@ def _parser():
         "--quiet", action="store_true", help="print only the report, no epoch lines"
     )
     return parser
-
-
-if __name__ == "__main__":
-    sys.exit(main())

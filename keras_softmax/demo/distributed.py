@@ -4,9 +4,9 @@ On TensorFlow it trains under `tf.distribute.MirroredStrategy` over logical
 CPU devices; on JAX under `keras.distribution.DataParallel`, which needs
 the host split into devices before JAX starts:
 
-    python -m keras_softmax.distributed --devices 2
+    python -m keras_softmax.demo.distributed --devices 2
     XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \\
-        python -m keras_softmax.distributed --devices 2
+        python -m keras_softmax.demo.distributed --devices 2
 
 It trains the same network on one device first and reports both test
 accuracies; it exits with 1 if the data-parallel one falls more than 0.01
@@ -19,8 +19,8 @@ import sys
 
 import keras
 
-from keras_softmax import _cli
-from keras_softmax import demo
+from keras_softmax.demo import cli
+from keras_softmax.demo import digits
 
 # Each device must get a whole share of every batch of 32.
 DEVICE_COUNTS = (2, 4, 8, 16, 32)
@@ -78,16 +78,16 @@ def main(argv=None) -> int:
     # of the device count in each split (the batch size, 32, is one too).
     data = tuple(
         (x[: len(x) - len(x) % args.devices], y[: len(y) - len(y) % args.devices])
-        for x, y in demo.load_digits(args.seed)
+        for x, y in digits.load_digits(args.seed)
     )
     x_test, y_test = data[2]
     accuracies = {}
     for name, context in (("1 device", contextlib.nullcontext()), ("parallel", scope)):
         with context:
-            model = demo.build_model("stable_softmax", args.seed)
-            demo.train(model, data, args.epochs, args.seed, verbose=0)
+            model = digits.build_model("stable_softmax", args.seed)
+            digits.train(model, data, args.epochs, args.seed, verbose=0)
         probs = model.predict(x_test, verbose=0)
-        accuracies[name] = demo.scores(probs, y_test)["accuracy"]
+        accuracies[name] = digits.scores(probs, y_test)["accuracy"]
 
     single, parallel = accuracies["1 device"], accuracies["parallel"]
     print(
@@ -99,8 +99,8 @@ def main(argv=None) -> int:
 
 
 def _parser():
-    parser = _cli.training_parser(
-        prog="python -m keras_softmax.distributed",
+    parser = cli.training_parser(
+        prog="python -m keras_softmax.demo.distributed",
         description=__doc__.splitlines()[0],
     )
     parser.add_argument(

@@ -18,7 +18,7 @@ import textwrap
 import keras
 import numpy as np
 
-from keras_softmax._fresh_process import run_python
+from keras_softmax.demo.fresh_process import run_python
 
 FORMATS = ("keras", "saved_model", "onnx", "litert")
 _SUFFIXES = {
