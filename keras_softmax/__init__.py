@@ -1,4 +1,38 @@
-"""keras_softmax: a softmax for Keras 3 that is exact for any finite logits."""
+"""keras_softmax: a softmax for Keras 3 that is exact for any finite logits.
+
+The public API, written with `keras.ops`, so it runs on every backend:
+
+Functions:
+    stable_softmax: softmax with a mask and a temperature; never overflows.
+    stable_log_softmax: its logarithm, computed in log space.
+
+Layer:
+    StableSoftmax: the softmax as a layer; takes Keras masks, and a fixed
+        or learnable temperature.
+
+Activation names (registered by `import keras_softmax`):
+    "stable_softmax", "stable_log_softmax": e.g.
+        `keras.layers.Dense(10, activation="stable_softmax")`.
+
+Attention:
+    dot_product_attention: `keras.ops.dot_product_attention` in which a
+        fully masked query gives 0.
+    StableMultiHeadAttention: `keras.layers.MultiHeadAttention` that never
+        attends to padding.
+
+Large vocabularies:
+    StableSoftmaxHead: a `Dense(V)` softmax head whose training loss never
+        builds the `[tokens, V]` logits.
+    linear_cross_entropy: the cross-entropy of `inputs @ kernel + bias`,
+        a chunk of tokens at a time.
+
+calibration (temperature scaling, `keras_softmax.calibration`):
+    logits_model, fit_temperature, calibrate, expected_calibration_error,
+    ExpectedCalibrationError, reliability_diagram.
+
+Each name's docstring has the details; the API reference site is built
+from them (`mkdocs serve`, see the README).
+"""
 
 import importlib.metadata
 

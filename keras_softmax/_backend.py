@@ -10,6 +10,8 @@ import functools
 import keras
 import numpy as np
 
+from keras_softmax import _keras_internals
+
 
 def takes_fused_path(x) -> bool:
     """Whether the backend's own fused softmax kernel is worth a branch here.
@@ -28,7 +30,7 @@ def takes_fused_path(x) -> bool:
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        return not _in_xla_context()
+        return not _keras_internals.in_xla_context()
     if backend == "torch":
         return is_concrete(x)
     return False
@@ -165,9 +167,21 @@ def cond_no_nan(value, true_fn, false_fn):
     if is_concrete(value):
         has_nan = np.isnan(read(value)).any()
         return false_fn() if has_nan else true_fn()
-    # Every axis named: PyTorch's ONNX exporter fails on `any` with none.
-    has_nan = keras.ops.any(keras.ops.isnan(value), axis=tuple(range(len(value.shape))))
-    return keras.ops.cond(has_nan, false_fn, true_fn)
+    return keras.ops.cond(reduce_any(keras.ops.isnan(value)), false_fn, true_fn)
+
+
+def reduce_any(x):
+    """Whether any element of the bool tensor `x` is True, over every axis.
+
+    Every axis is named: Keras' `any` without axes passes PyTorch `dim=None`,
+    on which PyTorch's ONNX exporter fails (Keras 3.15, PyTorch 2.13).
+    """
+    return keras.ops.any(x, axis=tuple(range(len(x.shape))))
+
+
+def reduce_all(x):
+    """Whether every element of the bool tensor `x` is True (see `reduce_any`)."""
+    return keras.ops.all(x, axis=tuple(range(len(x.shape))))
 
 
 def graph_when_large(fn):
@@ -339,7 +353,6 @@ def custom_vjp(forward, backward, *, forward_for_derivative=None):
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
-        from tensorflow.python.eager import record
 
         def run_tf(*inputs):
             # A tape records only while one is open, traced or eager; a
@@ -347,7 +360,7 @@ def custom_vjp(forward, backward, *, forward_for_derivative=None):
             # through `backward` with what `forward` saved.
             chosen = (
                 forward_for_derivative
-                if forward_for_derivative and record.could_possibly_record()
+                if forward_for_derivative and _keras_internals.tape_could_record()
                 else forward
             )
 
@@ -355,7 +368,7 @@ def custom_vjp(forward, backward, *, forward_for_derivative=None):
             def rule(*inputs):
                 # Unrecorded: a tape would make the loops inside keep every
                 # step's intermediates for a derivative the rule replaces.
-                with record.stop_recording():
+                with _keras_internals.tape_stop_recording():
                     outputs, saved = chosen(*inputs)
 
                 def grad(upstream):
@@ -429,31 +442,13 @@ def may_differentiate(tensor) -> bool:
 
         if not tf.executing_eagerly():
             return True
-        from tensorflow.python.eager import record
-
-        return record.could_possibly_record()
+        return _keras_internals.tape_could_record()
     if backend == "torch":
         import torch
-        from torch.autograd import forward_ad
 
         if not is_concrete(tensor):
             return True
         if getattr(tensor, "requires_grad", False) and torch.is_grad_enabled():
             return True
-        return forward_ad._current_level >= 0
+        return _keras_internals.torch_forward_mode_active()
     return True
-
-
-def _in_xla_context() -> bool:
-    """Whether TensorFlow is tracing for XLA (`jit_compile=True`)."""
-    import tensorflow as tf
-
-    if tf.executing_eagerly():
-        return False
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - a TensorFlow that moved it
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(
-        tf.compat.v1.get_default_graph()
-    )

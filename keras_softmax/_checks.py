@@ -129,31 +129,30 @@ def check_temperature_value(temperature, dtype: str = "float32") -> float:
     return value
 
 
-def to_temperature(temperature, x, axis):
-    """A checked temperature: a Python float, or a tensor of `x`'s dtype.
+def to_temperature(temperature, dtype: str, x_shape: tuple, axis):
+    """A checked temperature: `None` for 1, else a tensor of `dtype`.
 
     A tensor may be a scalar or hold one temperature per slice: it must
-    broadcast to `x` with size 1 along every normalised axis. Where its
+    broadcast to `x_shape` with size 1 along every normalised axis. Where its
     values are known now they are checked like a Python number; where they
     are only known at run time (traced, exported, a variable assigned
     later), a temperature that is not positive and finite makes the whole
     output NaN, never a plausible distribution.
     """
     if type(temperature) is float and temperature == 1.0:
-        return temperature  # the default: no check to pay for on every call
+        return None  # the default: no check to pay for on every call
     if isinstance(temperature, (list, tuple)):
         temperature = np.asarray(temperature)
     if is_number(temperature):
-        return check_temperature_value(
-            temperature, keras.backend.standardize_dtype(x.dtype)
-        )
+        value = check_temperature_value(temperature, dtype)
+        return None if value == 1.0 else ops.convert_to_tensor(value, dtype)
     if not _is_tensor_like(temperature):
         raise ValueError(
             f"`temperature` must be a positive finite number or a tensor. "
             f"Received: temperature={temperature!r}"
         )
-    t = ops.cast(_backend.to_tensor(temperature), x.dtype)
-    check_temperature_shape(_backend.static_shape(t), _backend.static_shape(x), axis)
+    t = ops.cast(_backend.to_tensor(temperature), dtype)
+    check_temperature_shape(_backend.static_shape(t), x_shape, axis)
     if _backend.is_concrete(t):
         values = _backend.read(t)
         if not np.all(np.isfinite(values) & (values > 0)):
@@ -163,12 +162,34 @@ def to_temperature(temperature, x, axis):
             )
         if np.all(values == 1) and not _backend.may_differentiate(t):
             # The untempered path: a layer's default temperature costs nothing.
-            return 1.0
+            return None
         return t
-    # Every axis named: PyTorch's ONNX exporter fails on `all` with none.
-    every_axis = tuple(range(len(t.shape)))
-    valid = ops.all(ops.logical_and(t > 0, t < math.inf), axis=every_axis)
+    valid = _backend.reduce_all(ops.logical_and(t > 0, t < math.inf))
     return ops.where(valid, t, math.nan)
+
+
+def check_scalar_temperature(temperature):
+    """One temperature for a whole call: a checked Python float, or a scalar
+    tensor as it is (attention folds a float of at least 1 into its scale).
+    """
+    if is_number(temperature):
+        return check_temperature_value(temperature)
+    if _is_tensor_like(temperature) and len(temperature.shape) == 0:
+        return temperature
+    raise ValueError(
+        "`temperature` must be a positive finite number or a scalar tensor. "
+        f"Received: temperature={temperature!r}"
+    )
+
+
+def to_scalar_temperature(temperature, dtype: str):
+    """One temperature for a whole call: `None` for 1, or a scalar tensor.
+
+    Checked like `to_temperature`: a bad value known now raises, one known
+    only at run time becomes NaN.
+    """
+    temperature = check_scalar_temperature(temperature)
+    return to_temperature(temperature, dtype, (), ())
 
 
 def check_temperature_shape(t_shape, x_shape, axis):
@@ -186,12 +207,36 @@ def check_temperature_shape(t_shape, x_shape, axis):
         )
 
 
-def to_keep_mask(mask, x):
-    """`mask` as a bool tensor broadcastable to `x` (True keeps), or None."""
+def to_keep_mask(mask, shape, align="trailing"):
+    """`mask` as bools that broadcast to `shape`, `True` to keep; or None.
+
+    The one place masks are normalised. A numeric mask keeps the positions
+    where it is `> 0.5`.
+
+    Args:
+        mask: A mask, or None.
+        shape: The static shape of what is masked (unknown sizes as None).
+        align: How a mask of lower rank meets `shape`:
+            `"trailing"`: as NumPy broadcasts, its last axis on the last.
+            `"leading"`: a Keras mask, one value per leading position (a
+            timestep): a mask shaped like the leading axes of `shape` gets
+            trailing axes of size 1; any other aligns as `"trailing"`.
+            A negative int `a`: the missing axes are inserted at axis `a`,
+            as Keras' `MultiHeadAttention` inserts the heads' axes into an
+            attention mask.
+    """
     if mask is None:
         return None
-    mask = ops.convert_to_tensor(mask)
-    check_mask_shape(_backend.static_shape(mask), _backend.static_shape(x))
+    mask = _backend.to_tensor(mask)
+    shape = tuple(shape)
+    missing = len(shape) - len(mask.shape)
+    if missing > 0 and align == "leading":
+        if broadcasts_exactly(_backend.static_shape(mask), shape[: len(mask.shape)]):
+            mask = ops.reshape(mask, tuple(ops.shape(mask)) + (1,) * missing)
+    elif missing > 0 and isinstance(align, int):
+        for _ in range(missing):
+            mask = ops.expand_dims(mask, align)
+    check_mask_shape(_backend.static_shape(mask), shape)
     if keras.backend.standardize_dtype(mask.dtype) != "bool":
         mask = ops.greater(mask, 0.5)
     return mask
@@ -210,6 +255,13 @@ def check_mask_shape(mask_shape, x_shape):
             f"`mask` must be broadcastable to `x`{extra}. "
             f"Received: mask.shape={mask_shape}, x.shape={x_shape}"
         )
+
+
+def broadcasts_exactly(shape, to_shape) -> bool:
+    """Whether `shape` equals `to_shape` (unknown sizes fit anything)."""
+    return len(shape) == len(to_shape) and all(
+        a is None or b is None or a == b for a, b in zip(shape, to_shape, strict=True)
+    )
 
 
 def broadcasts(shape, to_shape) -> bool:
@@ -257,27 +309,3 @@ def check_real(
     if allow_none:
         rule += " or None"
     raise ValueError(f"`{name}` must be {rule}. Received: {name}={value!r}")
-
-
-def to_scalar_temperature(temperature, dtype: str):
-    """One temperature for a whole call: None for 1, or a scalar tensor.
-
-    Checked like `to_temperature`: a bad value known now raises, one known
-    only at run time becomes NaN.
-    """
-    if is_number(temperature):
-        value = check_temperature_value(temperature, dtype)
-        return None if value == 1.0 else ops.convert_to_tensor(value, dtype)
-    if not _is_tensor_like(temperature):
-        raise ValueError(
-            f"`temperature` must be a positive finite number or a scalar "
-            f"tensor. Received: temperature={temperature!r}"
-        )
-    t = ops.cast(_backend.to_tensor(temperature), dtype)
-    if len(t.shape) != 0:
-        raise ValueError(
-            "`temperature` must be a number or a scalar tensor. "
-            f"Received: temperature with shape {tuple(t.shape)}"
-        )
-    checked = to_temperature(t, t, ())
-    return None if is_number(checked) else checked

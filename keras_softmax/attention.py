@@ -106,9 +106,9 @@ def dot_product_attention(
         raise ValueError(
             f"`is_causal` must be True or False. Received: is_causal={is_causal!r}"
         )
-    temperature = check_temperature(temperature)
+    temperature = _checks.check_scalar_temperature(temperature)
     mask, bias = (None if t is None else _tensor(t) for t in (mask, bias))
-    scores = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
+    scores = _scores_shape(query, key)
     for name, tensor in (("mask", mask), ("bias", bias)):
         if tensor is not None and not _checks.broadcasts(tensor.shape, scores):
             raise ValueError(
@@ -119,26 +119,22 @@ def dot_product_attention(
     tensors = (query, key, value, bias, mask)
     if any(isinstance(t, keras.KerasTensor) for t in tensors):
         # In a functional model: shapes may be unknown until called.
-        return _Attention(scale, is_causal, temperature)(*tensors)
-    return _attention(*tensors, scale, is_causal, temperature)
+        return _DotProductAttentionNode(scale, is_causal, temperature)(*tensors)
+    return _attend_checked(*tensors, scale, is_causal, temperature)
 
 
-def _attention(query, key, value, bias, mask, scale, is_causal, temperature):
-    keep = None
-    if mask is not None:
-        keep = _rank4(mask)
-        if keras.backend.standardize_dtype(keep.dtype) != "bool":
-            keep = ops.greater(keep, 0.5)
+def _attend_checked(query, key, value, bias, mask, scale, is_causal, temperature):
+    """`dot_product_attention` after its checks: the mask, then `attend`."""
+    keep = _checks.to_keep_mask(mask, _scores_shape(query, key))
     if is_causal:
         causal = _causal_mask(ops.shape(query)[1], ops.shape(key)[1])
         keep = causal if keep is None else ops.logical_and(keep, causal)
-    if bias is not None:
-        bias = _rank4(bias)
+    keep, bias = (None if t is None else _rank4(t) for t in (keep, bias))
     outputs, _ = attend(query, key, value, bias, keep, scale, temperature)
     return outputs
 
 
-class _Attention(keras.Operation):
+class _DotProductAttentionNode(keras.Operation):
     """`dot_product_attention` as a node of a functional model."""
 
     def __init__(self, scale, is_causal, temperature):
@@ -146,7 +142,7 @@ class _Attention(keras.Operation):
         self.scale, self.is_causal, self.temperature = scale, is_causal, temperature
 
     def call(self, query, key, value, bias=None, mask=None):
-        return _attention(
+        return _attend_checked(
             query, key, value, bias, mask, self.scale, self.is_causal, self.temperature
         )
 
@@ -167,7 +163,10 @@ def attend(
     dropout=None,
     flash_attention=None,
 ):
-    """`(outputs, weights)` of checked, rank-4 inputs; `weights` may be None.
+    """Attention of checked, rank-4 inputs: `(outputs, weights)`.
+
+    The one body that `dot_product_attention` and `StableMultiHeadAttention`
+    share; `weights` is None where the fused kernel computed the outputs.
 
     Args:
         keep: Bool mask broadcastable to `(B, N, T, S)`, or None.
@@ -231,18 +230,6 @@ def attend(
     return outputs, weights
 
 
-def check_temperature(temperature):
-    """A positive finite Python float, or a scalar tensor as it is."""
-    if _checks.is_number(temperature):
-        return _checks.check_temperature_value(temperature)
-    if hasattr(temperature, "shape") and len(temperature.shape) == 0:
-        return temperature
-    raise ValueError(
-        "`temperature` must be a positive finite number or a scalar tensor. "
-        f"Received: temperature={temperature!r}"
-    )
-
-
 def _check_scale(scale):
     if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
         if math.isfinite(float(scale)) and float(scale) > 0:
@@ -259,6 +246,12 @@ def _tensor(x):
 def _rank4(x):
     """Gives a mask or bias the leading axes it broadcasts over."""
     return ops.reshape(x, (1,) * (4 - len(x.shape)) + tuple(ops.shape(x)))
+
+
+def _scores_shape(query, key):
+    """The static shape of the scores, `(B, N, T, S)`; unknown sizes None."""
+    (batch, queries, heads, _), keys = _backend.static_shape(query), key.shape[1]
+    return (batch, heads, queries, keys)
 
 
 def _causal_mask(query_length, key_length):

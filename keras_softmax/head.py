@@ -100,8 +100,10 @@ class StableSoftmaxHead(keras.layers.Dense):
         `SparseCategoricalCrossentropy()` of them.
 
         Args:
-            label_smoothing, z_loss, ignore_class, chunk_size: As in
-                `linear_cross_entropy`.
+            label_smoothing: As in `linear_cross_entropy`.
+            z_loss: As in `linear_cross_entropy`.
+            ignore_class: As in `linear_cross_entropy`.
+            chunk_size: As in `linear_cross_entropy`.
             reduction: Keras' reduction names.
             name: The loss's name.
 

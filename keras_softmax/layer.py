@@ -1,8 +1,6 @@
 """The `StableSoftmax` layer: mask-aware, with a fixed or learnable temperature."""
 
-import inspect
 import math
-import sys
 import warnings
 
 import keras
@@ -10,6 +8,7 @@ from keras import ops
 
 from keras_softmax import _backend
 from keras_softmax import _checks
+from keras_softmax import _keras_internals
 from keras_softmax.softmax import stable_softmax
 
 
@@ -128,9 +127,9 @@ class StableSoftmax(keras.layers.Layer):
 
     def __call__(self, inputs, *args, **kwargs):
         mask_given = args or kwargs.get("mask") is not None
-        if not (self._warned_mask_dropped or mask_given) and _mask_dropped_by_caller(
-            self
-        ):
+        if not (
+            self._warned_mask_dropped or mask_given
+        ) and _keras_internals.outer_call_is_masked(self):
             self._warned_mask_dropped = True
             warnings.warn(
                 f"{self.__class__.__name__}(axis={self.axis!r}) runs as the "
@@ -144,8 +143,7 @@ class StableSoftmax(keras.layers.Layer):
         return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, mask=None):
-        if mask is not None:
-            mask = _align_keras_mask(mask, inputs)
+        mask = _checks.to_keep_mask(mask, _backend.static_shape(inputs), "leading")
         return stable_softmax(
             inputs,
             axis=self.axis,
@@ -181,36 +179,3 @@ class StableSoftmax(keras.layers.Layer):
             }
         )
         return config
-
-
-def _align_keras_mask(mask, inputs):
-    """Gives a per-timestep Keras mask trailing axes, so it broadcasts."""
-    mask_rank, rank = len(mask.shape), len(inputs.shape)
-    if mask_rank < rank and tuple(mask.shape) == tuple(inputs.shape[:mask_rank]):
-        return ops.reshape(mask, tuple(ops.shape(mask)) + (1,) * (rank - mask_rank))
-    return mask
-
-
-def _mask_dropped_by_caller(layer) -> bool:
-    """Whether `layer` runs inside another layer's call whose input is masked.
-
-    That is how an activation runs (`Dense(..., activation=layer)`): Keras
-    gives the outer layer the mask (`previous_mask` in `Layer.__call__`) and
-    the activation nothing. Best effort: False wherever Keras' frames differ.
-    """
-    # Keras wraps `Layer.__call__` in its traceback filter.
-    call_code = inspect.unwrap(keras.layers.Layer.__call__).__code__
-    frame = sys._getframe(2)
-    for _ in range(40):
-        if frame is None:
-            return False
-        if frame.f_code is call_code and frame.f_locals.get("self") is not layer:
-            caller = frame.f_locals.get("self")
-            if isinstance(caller, keras.Model):
-                return False
-            mask = frame.f_locals.get("previous_mask")
-            return mask is not None and not all(
-                m is None for m in keras.tree.flatten(mask)
-            )
-        frame = frame.f_back
-    return False

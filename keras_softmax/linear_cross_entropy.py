@@ -399,18 +399,25 @@ def _scan_losses(spec, h, w, b, t, y, weights):
 
 def _scan_gradients(spec, h, w, b, t, y, weights):
     """The gradients of `sum(weights * losses)`: one per rule input."""
-    loss, gradients = _scan_loss_and_gradients(spec, h, w, b, t, y, weights)
+    _, gradients = _scan_loss_and_gradients(
+        spec, h, w, b, t, y, weights, with_loss=False
+    )
     return gradients + (None, None)
 
 
-def _scan_loss_and_gradients(spec, h, w, b, t, y, weights):
-    """`sum(weights * losses)` and its gradients for `h`, `w`, `b` and `t`."""
+def _scan_loss_and_gradients(spec, h, w, b, t, y, weights, with_loss=True):
+    """`sum(weights * losses)` and its gradients for `h`, `w`, `b` and `t`.
+
+    Without `with_loss`, the loss is 0: the reverse pass wants only the
+    gradients.
+    """
 
     def step(carry, xs):
         loss, dw, db, dt = carry
         h_c, y_c, weights_c = xs
         c = _chunk_logits(spec, h_c, w, b, t)
-        loss = loss + ops.sum(_chunk_losses(spec, c, t, y_c, weights_c))
+        if with_loss:
+            loss = loss + ops.sum(_chunk_losses(spec, c, t, y_c, weights_c))
         g = _chunk_gradients(spec, c, h_c, w, t, y_c, weights_c)
         dw = _backend.add_matmul(dw, *g.kernel)
         carry = (loss, dw, db + g.bias, dt + g.temperature)

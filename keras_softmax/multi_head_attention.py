@@ -7,6 +7,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_softmax import _backend
 from keras_softmax import _checks
 from keras_softmax import attention
 from keras_softmax.layer import StableSoftmax
@@ -148,10 +149,12 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
 
     def _masked_softmax(self, attention_scores, attention_mask=None):
         # Keras' explicit path, taken for attention over several axes.
-        if attention_mask is not None:
-            expansion_axis = -len(self._attention_axes) * 2 - 1
-            for _ in range(len(attention_scores.shape) - len(attention_mask.shape)):
-                attention_mask = ops.expand_dims(attention_mask, expansion_axis)
+        # Keras inserts the heads' axes before the attended ones.
+        attention_mask = _checks.to_keep_mask(
+            attention_mask,
+            _backend.static_shape(attention_scores),
+            align=-len(self._attention_axes) * 2 - 1,
+        )
         if self._stable_softmax is not None:
             return self._stable_softmax(attention_scores, mask=attention_mask)
         return stable_softmax(
@@ -187,11 +190,8 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
                 "attention is enabled. Received: return_attention_scores=True "
                 f"with flash_attention={self._flash_attention}"
             )
-        keep = None
-        if attention_mask is not None:
-            keep = ops.cast(attention_mask, "bool")
-            while len(keep.shape) < 4:
-                keep = ops.expand_dims(keep, -3)
+        scores = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
+        keep = _checks.to_keep_mask(attention_mask, scores, align=-3)
         if use_causal_mask:
             causal = self._compute_causal_mask(query, value)[:, None]
             keep = causal if keep is None else ops.logical_and(keep, causal)
@@ -205,7 +205,7 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             None,
             keep,
             self._inverse_sqrt_key_dim,
-            attention.check_temperature(self.current_temperature()),
+            _checks.check_scalar_temperature(self.current_temperature()),
             return_weights=return_attention_scores,
             dropout=dropout,
             flash_attention=self._flash_attention,
@@ -247,7 +247,10 @@ def _check_attention_mask(*args, **kwargs):
     if attention_mask is None or len(query.shape) != 3:
         return  # attention over several axes: Keras checks it
     expected = (query.shape[0], query.shape[1], value.shape[1])
-    shape = tuple(getattr(attention_mask, "shape", np.shape(attention_mask)))
+    if hasattr(attention_mask, "shape"):
+        shape = _backend.static_shape(attention_mask)  # None sizes while traced
+    else:
+        shape = np.shape(attention_mask)
     if not _checks.broadcasts(shape, expected):
         raise ValueError(
             "`attention_mask` must be broadcastable to (batch, queries, keys) "

@@ -1,8 +1,8 @@
 """Makes "stable_softmax" and "stable_log_softmax" work as activation names.
 
 `keras.activations.get` resolves a string only from Keras' built-in table
-(`ALL_OBJECTS_DICT` in keras/src/activations/__init__.py, as of Keras 3.15)
-and ignores registered custom objects, so registration alone does not make
+(`_keras_internals.activation_table`) and ignores registered custom
+objects, so registration alone does not make
 `Dense(..., activation="stable_softmax")` work. The names are added to that
 table, and the result is checked through the public API: if a future Keras
 stops reading the table, importing keras_softmax warns, and the test suite,
@@ -12,8 +12,8 @@ which turns that warning into an error, fails.
 import warnings
 
 import keras
-from keras.src import activations as _keras_activations
 
+from keras_softmax import _keras_internals
 from keras_softmax.softmax import stable_log_softmax
 from keras_softmax.softmax import stable_softmax
 
@@ -25,11 +25,11 @@ ACTIVATIONS = {
 
 def register_activations() -> None:
     """Registers the activation names; warns if Keras does not resolve them."""
-    table = getattr(_keras_activations, "ALL_OBJECTS_DICT", None)
+    table = _keras_internals.activation_table()
     for name, fn in ACTIVATIONS.items():
         # Saved models name the function by its registered name.
         keras.saving.register_keras_serializable(package="keras_softmax")(fn)
-        if isinstance(table, dict) and table.get(name, fn) is fn:
+        if table is not None and table.get(name, fn) is fn:
             table[name] = fn
 
     unresolved = [name for name, fn in ACTIVATIONS.items() if not _resolves(name, fn)]

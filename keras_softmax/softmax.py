@@ -10,9 +10,11 @@ same result:
   formula for the rare slice the kernel would get wrong (a NaN, a `+inf`,
   nothing kept, or a temperature so large that the shifted logits may
   overflow before the division).
-- The compiled path, where a compiler fuses the exact formula into as few
-  passes as a softmax anyway (XLA, JAX, `torch.compile`), and for joint
-  normalisation over several axes.
+- The exact formula (`_exact`) alone, where a compiler fuses it into as
+  few passes as a softmax anyway (XLA, JAX, `torch.compile`), and for
+  joint normalisation over several axes. It is also the fused path's
+  fallback, and where a graph may be exported it is written so that
+  tf2onnx and LiteRT keep it exact.
 
 Both shift by the slice maximum before they divide by the temperature.
 
@@ -123,17 +125,17 @@ def _stable(x, axis, mask, temperature, log):
         return _symbolic(x, axis, mask, temperature, log)
     x, output_dtype = _checks.to_compute_dtype(x)
     axis = _checks.normalize_axis(axis, len(x.shape))
-    t = _checks.to_temperature(temperature, x, axis)
-    keep = _checks.to_keep_mask(mask, x)
-    if 0 in _backend.static_shape(x):
+    shape = _backend.static_shape(x)
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    t = _checks.to_temperature(temperature, dtype, shape, axis)
+    keep = _checks.to_keep_mask(mask, shape)
+    if 0 in shape:
         return ops.zeros(ops.shape(x), output_dtype)
     # A Python temperature is a constant: no derivative in it is ever taken.
-    t_varies = not isinstance(t, float)
-    if not t_varies:
-        t = None if t == 1.0 else ops.convert_to_tensor(t, x.dtype)
+    t_varies = t is not None and not _checks.is_number(temperature)
 
     single = isinstance(axis, int)
-    if single and _backend.static_shape(x)[axis] == 1:
+    if single and shape[axis] == 1:
         # Keras' own hint, word for word; the compiled path does not repeat it.
         warnings.warn(
             f"You are using a softmax over axis {axis} of a tensor of shape "
@@ -143,16 +145,18 @@ def _stable(x, axis, mask, temperature, log):
             stacklevel=3,
         )
         single = False
-    fused = single and _backend.takes_fused_path(x)
-    if fused:
+    # Where ops run one by one, a graph may be traced for an exporter.
+    op_by_op = _backend.takes_fused_path(x)
+    read_logits = not log and _backend.losses_read_logits()
+    if single and op_by_op:
         result = _fused(x, axis, keep, t, log, t_varies)
     else:
-        result = _compiled(x, axis, keep, t, log)
+        result = _exact(
+            x, axis, keep, t, log, for_exporters=op_by_op, loss_logits=read_logits
+        )
     outputs = _cast(result.outputs, output_dtype)
-    if not log and _backend.losses_read_logits():
-        # The fused path's logits are finite already where a mask filled them.
-        logits = result.logits if fused else _finite(result.logits)
-        outputs._keras_logits = _cast(logits, output_dtype)
+    if read_logits:
+        outputs._keras_logits = _cast(result.logits, output_dtype)
     return outputs
 
 
@@ -186,7 +190,7 @@ def _fused(x, axis, keep, t, log, t_varies):
             return ops.sum(fast, axis=axis)
 
         return _fused_kernel(
-            x, axis, witness, lambda: _exact(x, axis, keep, t, log), log
+            x, axis, witness, lambda: _exact(x, axis, keep, t, log).outputs, log
         )
 
     dtype = keras.backend.standardize_dtype(x.dtype)
@@ -228,7 +232,7 @@ def _fused(x, axis, keep, t, log, t_varies):
         logits,
         axis,
         lambda fast: check,
-        lambda: _exact(x, axis, keep, t, log),
+        lambda: _exact(x, axis, keep, t, log).outputs,
         log,
         keep,
     )
@@ -317,41 +321,116 @@ def _division_vjp(shifted, t, logits):
     return vjp
 
 
-def _compiled(x, axis, keep, t, log):
-    """The exact formula alone, for compilers that fuse it into few passes."""
-    # NaNs stay in, masked or not, so the maximum carries them to the slice.
-    # A kept NaN is valid too: the poison below makes its slice NaN.
-    valid = x != -math.inf
-    if keep is None:
-        candidates = x
-    else:
-        candidates = ops.where(ops.logical_or(keep, ops.isnan(x)), x, -math.inf)
+def _exact(x, axis, keep, t, log, for_exporters=True, loss_logits=False):
+    """The exact formula: shift by the slice maximum, then divide.
+
+    One formula for two readers. Compilers (XLA, JAX, `torch.compile`) fuse
+    it into as few passes as a softmax; with `for_exporters`, it is also
+    written so that exported graphs keep it exact: it multiplies masked
+    positions by the mask rather than trusting a fill, which LiteRT's
+    converter turns from -inf into the lowest float; it selects only
+    between finite values, for tf2onnx turns a `where` into
+    `c * a + (1 - c) * b`, where `0 * inf` is NaN; and it looks for NaN
+    with `isnan`, as some runtimes' maximum skips it.
+
+    Returns:
+        A `_Result`, whose logits (with `loss_logits`; else None) are the
+        tempered logits with the masked ones finite and far below the rest,
+        for a loss to read.
+    """
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    # Bounds as tensors of `dtype`: Keras' PyTorch backend makes a Python
+    # float float32, where float64's max is inf.
+    largest = _constant(float(np.finfo(dtype).max), dtype)
+    top = _slice_maximum(x, keep, axis, carries_nan=not for_exporters)
+    # A finite shift for every slice, so that a slice with nothing kept
+    # (top = -inf) still gives finite logits.
+    shift = ops.clip(top, -largest, largest)
+    # Compared with the lowest float, not with -inf, which LiteRT's converter
+    # would turn into the lowest float. NaN is not valid: the carrier below
+    # brings it back.
+    valid = ops.greater_equal(x, -largest)
+    if keep is not None:
         valid = ops.logical_and(keep, valid)
-    top = _backend.reduce_max(ops.stop_gradient(candidates), axis, keepdims=True)
-    # A slice with nothing valid (top = -inf) gets a harmless shift; a NaN
-    # or +inf maximum makes its slice NaN.
-    shift = ops.where(top == -math.inf, 0.0, top)
-    logits = _shifted_logits(x, shift, t, valid)
-    exps = ops.where(valid, ops.exp(logits), 0.0)
+    select = _Selection(valid, dtype, for_exporters)
+    # For exporters, no inf to select away.
+    bounded = ops.clip(x, -largest, largest) if for_exporters else x
+    logits = _shifted_logits(bounded, shift, t, select)
+    exps = select.zero_elsewhere(ops.exp(logits))
     total = _sum(exps, axis)
     # A slice with nothing kept sums to 0: it becomes 0 / 1, or -inf. Not
     # maximum(total, 1): JAX splits its derivative at the tie.
-    total = ops.where(total == 0, 1.0, total)
+    total = ops.where(total > 0, total, 1.0)
     if log:
-        outputs = ops.where(valid, logits - ops.log(total), -math.inf)
+        outputs = select.minus_inf_elsewhere(logits - ops.log(total))
     else:
         outputs = exps / total
-    # XLA's exp does not carry a NaN through (it clamps its argument), so
-    # the NaN of a NaN or +inf maximum, or of a temperature that turned out
-    # bad at run time, is added to the result rather than left to exp.
-    poison = _nan_where_infinite(shift)
+    outputs = outputs + _nan_of_special_slices(x, top, t, axis, for_exporters)
+    if not loss_logits:
+        return _Result(outputs, None)
+    # What a loss reads: the masked logits finite, and far below the rest.
+    return _Result(outputs, ops.where(valid, logits, -largest / 2))
+
+
+class _Selection:
+    """`where(valid, values, c)` for the formula; for exporters, arithmetic.
+
+    tf2onnx turns a `where` into `c * a + (1 - c) * b`, where `0 * inf` is
+    NaN; multiplying by the mask, and adding `log(mask)` for -inf, selects
+    without it.
+    """
+
+    def __init__(self, valid, dtype, for_exporters):
+        self.valid = valid
+        self.kept = ops.cast(valid, dtype) if for_exporters else None
+
+    def zero_elsewhere(self, values):
+        if self.kept is None:
+            return ops.where(self.valid, values, 0.0)
+        return values * self.kept
+
+    def minus_inf_elsewhere(self, values):
+        if self.kept is None:
+            return ops.where(self.valid, values, -math.inf)
+        # log(0) puts the -inf in (a constant: its derivative is never taken).
+        return values * self.kept + ops.stop_gradient(ops.log(self.kept))
+
+
+def _slice_maximum(x, keep, axis, carries_nan):
+    """The maximum of each slice's kept logits: -inf where nothing is kept.
+
+    With `carries_nan`, a NaN, masked or not, makes its slice's maximum NaN
+    (compilers' maxima propagate NaN), so that no second pass looks for it.
+    """
+    if keep is not None:
+        if carries_nan:
+            keep = ops.logical_or(keep, ops.isnan(x))
+        x = ops.where(keep, x, -math.inf)
+    return _backend.reduce_max(ops.stop_gradient(x), axis, keepdims=True)
+
+
+def _nan_of_special_slices(x, top, t, axis, for_exporters):
+    """NaN for a slice with a NaN or a kept `+inf`, and everywhere for a
+    temperature that turned out bad at run time; else 0.
+
+    Added to the result, for XLA's exp clamps its argument rather than
+    carry a NaN through.
+    """
+    if for_exporters:
+        # relu, not a selection (tf2onnx): a -inf maximum carries nothing.
+        nan = _nan_where_infinite(ops.relu(top))
+        any_nan = ops.any(ops.isnan(x), axis=axis, keepdims=True)
+        nan = nan + ops.cast(ops.where(any_nan, math.nan, 0.0), x.dtype)
+    else:
+        # The maximum carries NaN already.
+        nan = _nan_where_infinite(ops.where(top == -math.inf, 0.0, top))
     if t is not None:
-        poison = poison + _nan_where_infinite(t)
-    return _Result(outputs + poison, logits)
+        nan = nan + _nan_where_infinite(t)
+    return nan
 
 
-def _shifted_logits(x, shift, t, valid):
-    """`(x - shift) / t` where `valid`, and 0 (whose exp is discarded) elsewhere.
+def _shifted_logits(x, shift, t, select):
+    """`(x - shift) / t` where valid, and 0 (whose exp is discarded) elsewhere.
 
     The 0 keeps every derivative of a masked or -inf position finite (and
     zero), in any mode and to any order: the backend's own autodiff then
@@ -360,65 +439,13 @@ def _shifted_logits(x, shift, t, valid):
     the division itself.
     """
     if t is None:
-        return ops.where(valid, x - shift, 0.0)
-    return ops.where(valid, x / 2 - shift / 2, 0.0) / (t / 2)
+        return select.zero_elsewhere(x - shift)
+    return select.zero_elsewhere(x / 2 - shift / 2) / (t / 2)
 
 
 def _nan_where_infinite(value):
     """0, or NaN where `value` is NaN or infinite: a NaN carrier to add on."""
     return 0.0 * value
-
-
-def _exact(x, axis, keep, t, log):
-    """The softmax of any input, written for exporters as well as runtimes.
-
-    Shifts by the slice maximum, then divides. It multiplies masked
-    positions by the mask rather than trusting a fill, which LiteRT's
-    converter turns from -inf into the lowest float; and it selects only
-    between finite values, for tf2onnx turns a `where` into
-    `c * a + (1 - c) * b`, where `0 * inf` is NaN.
-    """
-    dtype = keras.backend.standardize_dtype(x.dtype)
-    z = x if keep is None else ops.where(keep, x, -math.inf)
-    top = _backend.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
-    # A finite shift for every slice, so that a slice with nothing kept
-    # (top = -inf) still gives finite logits. Bounds as tensors of `dtype`:
-    # Keras' PyTorch backend makes a Python float float32, where float64's
-    # max is inf.
-    largest = _constant(float(np.finfo(dtype).max), dtype)
-    shift = ops.clip(top, -largest, largest)
-    # Compared with the lowest float, not with -inf, which LiteRT's converter
-    # would turn into the lowest float. NaN is not valid: the poison below
-    # carries it. Infinite logits are clipped before any selection.
-    valid = ops.greater_equal(x, -largest)
-    if keep is not None:
-        valid = ops.logical_and(keep, valid)
-    logits = _shifted_logits(ops.clip(z, -largest, largest), shift, t, valid)
-    kept = ops.cast(valid, dtype)
-    exps = ops.exp(logits) * kept
-    total = _sum(exps, axis)
-    total = ops.where(total > 0, total, 1.0)
-    if log:
-        # log(0) puts the -inf of invalid positions in without a selection
-        # (a constant: its derivative, 1 / 0, is never taken).
-        outputs = (logits - ops.log(total)) * kept + ops.stop_gradient(ops.log(kept))
-    else:
-        outputs = exps / total
-    # NaN for the whole slice when it holds +inf (0 * inf) or any NaN, and
-    # everywhere for a temperature that turned out bad at run time.
-    poison = _nan_where_infinite(ops.relu(top))
-    if t is not None:
-        poison = poison + _nan_where_infinite(t)
-    # A NaN, masked or not; isnan, as some runtimes' max skips NaN.
-    any_nan = ops.any(ops.isnan(x), axis=axis, keepdims=True)
-    poison = poison + ops.cast(ops.where(any_nan, math.nan, 0.0), dtype)
-    return outputs + poison
-
-
-def _finite(logits):
-    """Logits a loss can read: -inf (masked) becomes a finite large negative."""
-    dtype = keras.backend.standardize_dtype(logits.dtype)
-    return ops.maximum(logits, _constant(-float(np.finfo(dtype).max) / 2, dtype))
 
 
 def _constant(value, dtype):

@@ -217,13 +217,25 @@ def test_loss_fusion_charges_about_1000_for_a_confident_mistake_in_eager_mode():
 
 
 @pytest.mark.skipif(not FUSES_LOSS, reason="only TensorFlow's losses read logits")
-def test_loss_fusion_includes_temperature_and_mask():
-    logits = keras.ops.convert_to_tensor([[1000.0, 0.0, 5000.0]])
-    probs = stable_softmax(logits, mask=[[True, True, False]], temperature=2.0)
-    loss = keras.losses.categorical_crossentropy(np.array([[0.0, 1.0, 0.0]]), probs)
-    np.testing.assert_allclose(loss, [500.0], rtol=1e-6)
-    sparse = keras.losses.sparse_categorical_crossentropy(np.array([1]), probs)
-    np.testing.assert_allclose(sparse, [500.0], rtol=1e-6)
+@pytest.mark.parametrize("run", ["eager", "tf.function", "XLA"])
+def test_loss_fusion_includes_temperature_and_mask(run):
+    import tensorflow as tf
+
+    def losses(logits):
+        probs = stable_softmax(logits, mask=[[True, True, False]], temperature=2.0)
+        return (
+            keras.losses.categorical_crossentropy(np.eye(3)[[1, 0]], probs),
+            keras.losses.sparse_categorical_crossentropy(np.array([1, 0]), probs),
+        )
+
+    if run != "eager":
+        losses = tf.function(losses, jit_compile=run == "XLA")
+    logits = tf.constant([[1000.0, 0.0, 5000.0], [2.0, 0.0, 5.0]])
+    # The masked logit takes no part: halved, the kept ones are (500, 0)
+    # and (1, 0).
+    expected = [500.0, np.log1p(np.exp(-1.0))]
+    for loss in losses(logits):
+        np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -362,3 +374,19 @@ def test_onnx_export_on_pytorch_serves_the_keras_result_and_we_warn_nothing(tmp_
     served = session.run(None, dict(zip(names, [x, keep], strict=True)))[0]
     np.testing.assert_allclose(served, expected, atol=1e-6)
     np.testing.assert_array_equal(served[1], 0.0)  # a fully masked row
+
+
+def test_private_apis_relied_on_are_where_they_were_checked():
+    from keras_softmax import _keras_internals
+
+    assert "softmax" in _keras_internals.activation_table()
+    layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    x = np.zeros((1, 3, 4), "float32")
+    layer(x, x)  # built, so that every member exists
+    for member in _keras_internals.MULTI_HEAD_ATTENTION_MEMBERS:
+        assert hasattr(layer, member), member
+    if BACKEND == "tensorflow":
+        assert _keras_internals.in_xla_context() is False
+        assert isinstance(_keras_internals.tape_could_record(), bool)
+    if BACKEND == "torch":
+        assert _keras_internals.torch_forward_mode_active() is False

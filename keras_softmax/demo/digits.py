@@ -130,20 +130,12 @@ def scores(probs, labels) -> dict:
 def check_served(paths, model, inputs) -> dict:
     """Serves every artefact; returns {way: largest difference from Keras}."""
     expected = model.predict(inputs[INPUT_NAME], verbose=0)
-    servers = {
-        "keras": (serving.predict_keras_fresh, "keras"),
-        "saved_model": (serving.predict_saved_model_fresh, "saved_model"),
-        # TFSMLayer wraps a TensorFlow graph: TensorFlow backend only.
-        "tfsm_layer": (serving.predict_tfsm_layer, "saved_model"),
-        "onnx": (serving.predict_onnx, "onnx"),
-        "litert": (serving.predict_litert, "litert"),
-    }
     differences = {}
-    for way, (predict, fmt) in servers.items():
+    for way, server in serving.SERVERS.items():
         if way == "tfsm_layer" and keras.backend.backend() != "tensorflow":
             continue
-        if fmt in paths:
-            served = predict(paths[fmt], inputs)
+        if server.format in paths:
+            served = server.predict(paths[server.format], inputs)
             differences[way] = float(np.max(np.abs(served - expected)))
     return differences
 

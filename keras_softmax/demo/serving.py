@@ -14,6 +14,8 @@ import json
 import pathlib
 import tempfile
 import textwrap
+from collections.abc import Callable
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -132,14 +134,27 @@ def predict_litert(path, inputs: dict) -> np.ndarray:
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
+class Server(NamedTuple):
+    """One way of serving: the format it reads, and how it predicts."""
+
+    format: str
+    predict: Callable[..., np.ndarray]
+
+
+# Every way the artefacts are served, each named for its format but one:
+# TFSMLayer wraps a SavedModel's TensorFlow graph (TensorFlow backend only).
+SERVERS = {
+    "keras": Server("keras", predict_keras_fresh),
+    "saved_model": Server("saved_model", predict_saved_model_fresh),
+    "tfsm_layer": Server("saved_model", predict_tfsm_layer),
+    "onnx": Server("onnx", predict_onnx),
+    "litert": Server("litert", predict_litert),
+}
+
+
 def predict_export(fmt: str, path, inputs: dict) -> np.ndarray:
     """Serves an export of format `fmt` ("saved_model", "onnx", "litert")."""
-    serve = {
-        "saved_model": predict_saved_model_fresh,
-        "onnx": predict_onnx,
-        "litert": predict_litert,
-    }
-    return serve[fmt](path, inputs)
+    return SERVERS[fmt].predict(path, inputs)
 
 
 def write_manifest(directory, files, **info) -> pathlib.Path:
