@@ -19,6 +19,11 @@ BACKEND = keras.backend.backend()
 exports = pytest.mark.skipif(
     BACKEND != "tensorflow", reason="Keras exports these from the TensorFlow backend"
 )
+# For what no backend changes (a command line, a file's text): TensorFlow's
+# pass runs it, the others skip it, which keeps CI's time down.
+once = pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="backend-independent; run once"
+)
 
 
 def jacobian(fn, x):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from backends import BACKEND
 from backends import exports
+from backends import once
 
 from keras_softmax import StableSoftmax
 from keras_softmax.demo import digits
@@ -145,7 +146,7 @@ def test_bad_option_gives_one_clear_line_and_exit_code_2(
 
 # The options are parsed alike on every backend; one run each, as a user
 # starts it, shows that the exit code and the line reach the shell.
-@pytest.mark.skipif(not ON_TENSORFLOW, reason="backend-independent; run once")
+@once
 @pytest.mark.parametrize(
     "module, prog",
     [
@@ -209,7 +210,7 @@ def test_other_stderr_lines_are_not_taken_for_tensorflow_log_lines(line):
     assert not quiet.is_tensorflow_log_line(line)
 
 
-@pytest.mark.skipif(not ON_TENSORFLOW, reason="backend-independent; run once")
+@once
 @pytest.mark.parametrize(
     "module", ["keras_softmax.demo", "keras_softmax.demo.distributed"]
 )

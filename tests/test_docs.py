@@ -9,8 +9,7 @@ out of the reference, and that the README's example still works.
 import pathlib
 import re
 
-import pytest
-from backends import BACKEND
+from backends import once
 
 import keras_softmax
 from keras_softmax import calibration
@@ -86,7 +85,7 @@ def _own_model_block():
     return match.group(1)
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="backend-independent; run once")
+@once
 def test_readme_own_model_example_runs(tmp_path):
     # As a user runs it: a fresh interpreter, in a directory of its own,
     # where it writes its files.

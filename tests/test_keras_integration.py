@@ -64,11 +64,10 @@ def test_activation_names_are_unknown_before_the_import():
 
 
 def test_registration_warns_loudly_if_keras_stops_reading_its_table(monkeypatch):
+    from keras_softmax import _keras_internals
     from keras_softmax import registration
 
-    monkeypatch.setattr(
-        registration._keras_activations, "ALL_OBJECTS_DICT", {}, raising=True
-    )
+    monkeypatch.setattr(_keras_internals, "activation_table", lambda: {})
     monkeypatch.setattr(keras.activations, "get", lambda name: None)
     with pytest.warns(RuntimeWarning, match="could not register"):
         registration.register_activations()

@@ -11,8 +11,7 @@ import importlib.resources
 import pathlib
 import pkgutil
 
-import pytest
-from backends import BACKEND
+from backends import once
 
 import keras_softmax
 from keras_softmax.demo.fresh_process import check_python
@@ -78,7 +77,7 @@ def test_library_never_imports_the_demo_nor_reads_the_command_line():
         assert not read & {"argv", "orig_argv"}, path
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="backend-independent; run once")
+@once
 def test_importing_the_library_loads_no_module_of_the_demo():
     loaded = check_python(
         "-c",
