@@ -276,7 +276,7 @@ def test_bad_logits_or_labels_are_rejected_by_name(logits, labels, pattern):
 @pytest.mark.parametrize(
     "probs, pattern",
     [
-        ([[1.5, -0.5]], r"`probs` must lie in \[0, 1\].*probs\[0, 0\]=1.5"),
+        ([[1.5, -0.5]], r"`probs` must lie in \[0, 1\].*not logits.*probs\[0, 0\]=1.5"),
         ([[0.5, -0.5]], r"`probs` must lie in \[0, 1\].*probs\[0, 1\]=-0.5"),
         ([[0.5, np.nan]], r"`probs` must be finite.*probs\[0, 1\]=nan"),
         ([0.5, 0.5], r"`probs` must have shape.*probs.shape=\(2,\)"),

@@ -172,7 +172,9 @@ def bin_statistics(probs, labels, num_bins):
     if np.any((p < 0) | (p > 1)):
         i, j = np.argwhere((p < 0) | (p > 1))[0]
         raise ValueError(
-            f"`probs` must lie in [0, 1]. Received: probs[{i}, {j}]={p[i, j]}"
+            "`probs` must lie in [0, 1]: the calibration error is measured on "
+            "probabilities, not logits (`keras_softmax.stable_softmax(logits)` "
+            f"gives them). Received: probs[{i}, {j}]={p[i, j]}"
         )
     y = check_labels(labels, p.shape, "labels")
     confidence = np.max(p, axis=1)
