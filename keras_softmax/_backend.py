@@ -36,14 +36,27 @@ def takes_fused_path(x) -> bool:
     return False
 
 
-def fused_attention_keeps(dtype: str) -> bool:
-    """Whether `keras.ops.dot_product_attention` keeps `dtype`'s precision here.
+def fused_attention_serves(dtype: str, key_size, value_size) -> bool:
+    """Whether `keras.ops.dot_product_attention` serves these inputs here.
 
     On JAX and PyTorch it returns float32 for float64 inputs (Keras 3.15;
     JAX 0.10's own attention also takes the softmax in float32), so float64
-    outputs and derivatives would be only float32-accurate.
+    outputs and derivatives would be only float32-accurate; and on JAX it
+    fails on values whose head size differs from the keys'.
     """
-    return not (keras.backend.backend() in ("jax", "torch") and dtype == "float64")
+    backend = keras.backend.backend()
+    if backend in ("jax", "torch") and dtype == "float64":
+        return False
+    return not (backend == "jax" and key_size != value_size)
+
+
+def tanh(x):
+    """`tanh(x)`, exact to a few ulps in `x`'s dtype.
+
+    Through `expm1`: Keras' `tanh` on JAX (3.15) computes float64 in float32.
+    """
+    e = keras.ops.expm1(-2.0 * keras.ops.abs(x))
+    return keras.ops.sign(x) * (-e / (2.0 + e))
 
 
 def losses_read_logits() -> bool:

@@ -23,6 +23,7 @@ folded into `scale`; those calls take the explicit path, through
 
 import math
 import numbers
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -49,6 +50,8 @@ def dot_product_attention(
     mask=None,
     scale: float | None = None,
     is_causal: bool = False,
+    flash_attention: bool | None = None,
+    attn_logits_soft_cap: float | None = None,
     temperature=1.0,
 ):
     """Scaled dot-product attention in which a fully masked query gives 0.
@@ -74,11 +77,20 @@ def dot_product_attention(
         scale: Positive number that multiplies the scores. Defaults to
             `1 / sqrt(H)`.
         is_causal: If `True`, query `t` attends to keys `s <= t` only.
+        flash_attention: As in Keras: `None` lets the function choose;
+            `True` asks for the backend's fused flash-attention kernel and
+            raises a `ValueError` where there is none (on a CPU, or for a
+            call the kernel cannot compute: a temperature below 1 or in a
+            tensor, a soft cap); `False` never uses it.
+        attn_logits_soft_cap: Optional positive number `c`: the scaled and
+            biased scores `s` become `c * tanh(s / c)` before the temperature
+            and the masks (Gemma 2's soft cap).
         temperature: Positive finite number, or scalar tensor, that divides
-            the scaled and biased scores before the softmax.
+            the scaled and biased (and capped) scores before the softmax.
 
     Returns:
-        The attention output, of shape `(B, T, N, value.shape[-1])`.
+        The attention output, of shape `(B, T, N, value.shape[-1])`, in the
+        dtype the inputs promote to (`keras.backend.result_type`).
 
     Example:
 
@@ -92,7 +104,7 @@ def dot_product_attention(
     >>> keras.ops.convert_to_numpy(out)[0, :, 0].tolist()
     [[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0]]
     """
-    query, key, value = (_tensor(t) for t in (query, key, value))
+    query, key, value = _promoted(_tensor(t) for t in (query, key, value))
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if len(tensor.shape) != 4:
             raise ValueError(
@@ -101,12 +113,19 @@ def dot_product_attention(
             )
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    scale = _check_scale(scale)
-    if not isinstance(is_causal, bool):
-        raise ValueError(
-            f"`is_causal` must be True or False. Received: is_causal={is_causal!r}"
-        )
-    temperature = _checks.check_scalar_temperature(temperature)
+    options = _Options(
+        scale=_check_scale(scale),
+        is_causal=_check_flag("is_causal", is_causal),
+        temperature=_checks.check_scalar_temperature(temperature),
+        flash_attention=_check_flag("flash_attention", flash_attention, True),
+        soft_cap=_checks.check_real(
+            "attn_logits_soft_cap",
+            attn_logits_soft_cap,
+            minimum=0,
+            open_minimum=True,
+            allow_none=True,
+        ),
+    )
     mask, bias = (None if t is None else _tensor(t) for t in (mask, bias))
     scores = _scores_shape(query, key)
     for name, tensor in (("mask", mask), ("bias", bias)):
@@ -119,32 +138,50 @@ def dot_product_attention(
     tensors = (query, key, value, bias, mask)
     if any(isinstance(t, keras.KerasTensor) for t in tensors):
         # In a functional model: shapes may be unknown until called.
-        return _DotProductAttentionNode(scale, is_causal, temperature)(*tensors)
-    return _attend_checked(*tensors, scale, is_causal, temperature)
+        return _DotProductAttentionNode(options)(*tensors)
+    return _attend_checked(*tensors, options)
 
 
-def _attend_checked(query, key, value, bias, mask, scale, is_causal, temperature):
+class _Options(NamedTuple):
+    """The checked arguments of `dot_product_attention` other than tensors."""
+
+    scale: float
+    is_causal: bool
+    temperature: object  # a Python float, or a scalar tensor
+    flash_attention: bool | None
+    soft_cap: float | None
+
+
+def _attend_checked(query, key, value, bias, mask, options: _Options):
     """`dot_product_attention` after its checks: the mask, then `attend`."""
     keep = _checks.to_keep_mask(mask, _scores_shape(query, key))
-    if is_causal:
+    if options.is_causal:
         causal = _causal_mask(ops.shape(query)[1], ops.shape(key)[1])
         keep = causal if keep is None else ops.logical_and(keep, causal)
     keep, bias = (None if t is None else _rank4(t) for t in (keep, bias))
-    outputs, _ = attend(query, key, value, bias, keep, scale, temperature)
+    outputs, _ = attend(
+        query,
+        key,
+        value,
+        bias,
+        keep,
+        options.scale,
+        options.temperature,
+        flash_attention=options.flash_attention,
+        soft_cap=options.soft_cap,
+    )
     return outputs
 
 
 class _DotProductAttentionNode(keras.Operation):
     """`dot_product_attention` as a node of a functional model."""
 
-    def __init__(self, scale, is_causal, temperature):
+    def __init__(self, options: _Options):
         super().__init__()
-        self.scale, self.is_causal, self.temperature = scale, is_causal, temperature
+        self.options = options
 
     def call(self, query, key, value, bias=None, mask=None):
-        return _attend_checked(
-            query, key, value, bias, mask, self.scale, self.is_causal, self.temperature
-        )
+        return _attend_checked(query, key, value, bias, mask, self.options)
 
     def compute_output_spec(self, query, key, value, bias=None, mask=None):
         shape = tuple(query.shape[:-1]) + (value.shape[-1],)
@@ -162,6 +199,7 @@ def attend(
     return_weights=False,
     dropout=None,
     flash_attention=None,
+    soft_cap=None,
 ):
     """Attention of checked, rank-4 inputs: `(outputs, weights)`.
 
@@ -175,12 +213,18 @@ def attend(
         return_weights: Whether the weights are needed (the explicit path).
         dropout: Optional function applied to the weights before they
             combine the values.
-        flash_attention: Passed to `keras.ops.dot_product_attention`.
+        flash_attention: Passed to `keras.ops.dot_product_attention`;
+            `True` raises a `ValueError` where its kernel cannot be used.
+        soft_cap: Optional positive float `c`: scores `s` become
+            `c * tanh(s / c)`, before the temperature and the masks.
     """
     # Keras' TensorFlow backend repeats grouped heads only when there are
     # several (as of Keras 3.15), so a single key head is repeated here.
     key, value = _repeat_heads(key, query), _repeat_heads(value, query)
-    foldable = isinstance(temperature, float) and temperature >= 1.0
+    # A soft cap comes before the temperature, so that it cannot be folded.
+    foldable = (
+        soft_cap is None and isinstance(temperature, float) and temperature >= 1.0
+    )
     if foldable and temperature != 1.0:
         # Dividing by a temperature of at least 1 cannot overflow, and
         # folding it into the scale rounds the scores once, as Keras does.
@@ -190,8 +234,18 @@ def attend(
     dtype = _logits_dtype(query)
     live = None if keep is None else ops.any(keep, axis=-1, keepdims=True)
     fused = (
-        not return_weights and dropout is None and _backend.fused_attention_keeps(dtype)
+        foldable
+        and not return_weights
+        and dropout is None
+        and _backend.fused_attention_serves(dtype, key.shape[-1], value.shape[-1])
     )
+    if flash_attention and not fused:
+        raise ValueError(
+            "`flash_attention=True` asks for the fused kernel, which this call "
+            "cannot use: it needs a temperature of at least 1 given as a "
+            "number, no soft cap, no dropout and no returned weights. "
+            "Received: flash_attention=True"
+        )
     if foldable:
         additive = bias
         if keep is not None:
@@ -206,13 +260,8 @@ def attend(
             kept = ops.zeros((), fill_dtype) if bias is None else bias
             additive = ops.where(opened, ops.cast(kept, fill_dtype), fill)
         if fused:
-            outputs = ops.dot_product_attention(
-                query,
-                key,
-                value,
-                bias=additive,
-                scale=scale,
-                flash_attention=flash_attention,
+            outputs = _fused_attention(
+                query, key, value, additive, scale, flash_attention
             )
             if live is not None:
                 outputs = outputs * _per_query(live, outputs.dtype)
@@ -223,11 +272,48 @@ def attend(
             weights = weights * ops.cast(live, dtype)
     else:
         logits = _scores(query, key, scale, bias, dtype)
+        if soft_cap is not None:
+            logits = soft_cap * _backend.tanh(logits / soft_cap)
         weights = stable_softmax(logits, axis=-1, mask=keep, temperature=temperature)
     weights = ops.cast(weights, value.dtype)
     combined = weights if dropout is None else dropout(weights)
     outputs = ops.einsum("BNTS,BSNH->BTNH", combined, value)
     return outputs, weights
+
+
+def _fused_attention(query, key, value, bias, scale, flash_attention):
+    """Keras' fused attention; a `ValueError` where flash attention is missing."""
+    try:
+        return ops.dot_product_attention(
+            query, key, value, bias=bias, scale=scale, flash_attention=flash_attention
+        )
+    except (RuntimeError, ValueError) as error:
+        if not flash_attention:
+            raise
+        raise ValueError(
+            "`flash_attention=True` asks for a flash-attention kernel, which "
+            f"Keras' {keras.backend.backend()} backend does not offer here "
+            f"({error}). "
+            "Pass flash_attention=None to let the function choose. "
+            "Received: flash_attention=True"
+        ) from error
+
+
+def _promoted(tensors):
+    """The tensors in the one dtype they promote to, as Keras' attention does."""
+    tensors = tuple(tensors)
+    dtype = keras.backend.result_type(*(t.dtype for t in tensors))
+    return tuple(
+        t if keras.backend.standardize_dtype(t.dtype) == dtype else ops.cast(t, dtype)
+        for t in tensors
+    )
+
+
+def _check_flag(name, value, allow_none=False):
+    if isinstance(value, bool) or (allow_none and value is None):
+        return value
+    choices = "True, False or None" if allow_none else "True or False"
+    raise ValueError(f"`{name}` must be {choices}. Received: {name}={value!r}")
 
 
 def _check_scale(scale):

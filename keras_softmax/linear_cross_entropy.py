@@ -325,11 +325,7 @@ def _capped(spec, logits):
     """`c * tanh(logits / c)` (Gemma 2's soft cap), or the logits as they are."""
     if spec.soft_cap is None:
         return logits
-    # tanh through expm1, exact to a few ulps: Keras' tanh on JAX (3.15)
-    # returns float32 for float64.
-    u = logits / spec.soft_cap
-    e = ops.expm1(-2.0 * ops.abs(u))
-    return spec.soft_cap * ops.sign(u) * (-e / (2.0 + e))
+    return spec.soft_cap * _backend.tanh(logits / spec.soft_cap)
 
 
 def _chunk_losses(spec, c: _Chunk, t, y, weights):

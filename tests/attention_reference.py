@@ -16,6 +16,7 @@ def attention(
     scale=None,
     is_causal=False,
     temperature=1.0,
+    attn_logits_soft_cap=None,
 ):
     """`(outputs, weights)` in float64; a query with no key kept gets 0."""
     q, k, v = (np.asarray(t, np.float64) for t in (query, key, value))
@@ -26,6 +27,8 @@ def attention(
     scores = np.einsum("btnh,bsnh->bnts", q, k) * scale
     if bias is not None:
         scores = scores + np.asarray(bias, np.float64)
+    if attn_logits_soft_cap is not None:
+        scores = attn_logits_soft_cap * np.tanh(scores / attn_logits_soft_cap)
     keep = np.ones(scores.shape, bool)
     if mask is not None:
         keep = keep & np.asarray(mask, bool)

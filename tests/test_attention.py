@@ -162,9 +162,11 @@ def test_huge_scores_give_the_reference_and_finite_gradients():
             assert np.all(np.isfinite(grad)), (wrt, temperature)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize(
+    "temperature, soft_cap", [(1.0, None), (2.0, None), (0.5, None), (0.5, 1.5)]
+)
 def test_gradient_matches_central_differences_and_is_zero_for_dead_queries(
-    temperature,
+    temperature, soft_cap
 ):
     rng = np.random.default_rng(2)
     shapes = [(1, 3, 2, 2), (1, 4, 2, 2), (1, 4, 2, 2)]
@@ -183,13 +185,25 @@ def test_gradient_matches_central_differences_and_is_zero_for_dead_queries(
     def ours(x):
         q, k, v = split(x)
         return dot_product_attention(
-            q, k, v, bias=bias, mask=mask, temperature=temperature
+            q,
+            k,
+            v,
+            bias=bias,
+            mask=mask,
+            temperature=temperature,
+            attn_logits_soft_cap=soft_cap,
         )
 
     def reference(x):
         q, k, v = split(x, np.reshape)
         return reference_attention(
-            q, k, v, bias=bias, mask=mask, temperature=temperature
+            q,
+            k,
+            v,
+            bias=bias,
+            mask=mask,
+            temperature=temperature,
+            attn_logits_soft_cap=soft_cap,
         )[0].ravel()
 
     actual = jacobian(ours, x0)
@@ -282,6 +296,9 @@ _q = np.zeros((1, 2, 1, 4), "float32")
         ({"temperature": "hot"}, "temperature"),
         ({"temperature": np.ones(2)}, "temperature"),
         ({"is_causal": "yes"}, "is_causal"),
+        ({"flash_attention": "yes"}, "flash_attention"),
+        ({"attn_logits_soft_cap": 0.0}, "attn_logits_soft_cap"),
+        ({"attn_logits_soft_cap": "big"}, "attn_logits_soft_cap"),
         ({"mask": np.ones((1, 1, 1, 2, 2), bool)}, "mask"),
         ({"bias": np.ones((1, 1, 1, 2, 2), "float32")}, "bias"),
     ],
@@ -298,3 +315,69 @@ def test_mask_or_bias_of_the_wrong_shape_names_both_shapes(name):
     wrong = np.ones((1, 1, 2, 5), "float32")  # 2 queries, not 3
     with pytest.raises(ValueError, match=rf"`{name}`.*\(2, 2, 3, 5\).*\(1, 1, 2, 5\)"):
         dot_product_attention(q, k, k, **{name: wrong})
+
+
+def _padded_causal_case(value_size=4, seed=7):
+    """Queries, keys, values, a bias and a mask whose second query keeps no key."""
+    rng = np.random.default_rng(seed)
+    q, k = (rng.normal(size=(2, 4, 2, 4)).astype("float32") * 3 for _ in range(2))
+    v = rng.normal(size=(2, 4, 2, value_size)).astype("float32")
+    bias = rng.normal(size=(2, 1, 4, 4)).astype("float32")
+    mask = rng.random((2, 1, 4, 4)) < 0.7
+    mask[:, :, 1] = False
+    return {"query": q, "key": k, "value": v, "bias": bias, "mask": mask}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_soft_cap_caps_the_scores_before_the_temperature_and_the_masks(temperature):
+    case = {**_padded_causal_case(), "is_causal": True, "temperature": temperature}
+    actual = to_numpy(dot_product_attention(**case, attn_logits_soft_cap=2.0))
+    expected, _ = reference_attention(**case, attn_logits_soft_cap=2.0)
+    np.testing.assert_array_equal(actual[:, 1], 0.0)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    uncapped = to_numpy(dot_product_attention(**case))
+    assert np.abs(uncapped - actual).max() > 0.1  # the cap changes the result
+
+
+def test_value_head_size_may_differ_from_the_keys():
+    case = {**_padded_causal_case(value_size=6), "is_causal": True}
+    actual = to_numpy(dot_product_attention(**case))
+    expected, _ = reference_attention(**case)
+    assert actual.shape == (2, 4, 2, 6)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    symbolic = dot_product_attention(
+        keras.Input((4, 2, 4)), keras.Input((4, 2, 4)), keras.Input((4, 2, 6))
+    )
+    assert tuple(symbolic.shape) == (None, 4, 2, 6)
+
+
+def test_symbolic_output_dtype_is_the_eager_one_for_mixed_dtypes():
+    q = keras.ops.ones((1, 2, 1, 4), "float16")
+    kv = keras.ops.ones((1, 2, 1, 4), "float32")
+    eager = dot_product_attention(q, kv, kv)
+    symbolic = dot_product_attention(
+        keras.Input((2, 1, 4), dtype="float16"),
+        keras.Input((2, 1, 4), dtype="float32"),
+        keras.Input((2, 1, 4), dtype="float32"),
+    )
+    promoted = keras.backend.result_type("float16", "float32")
+    assert keras.backend.standardize_dtype(eager.dtype) == promoted
+    assert keras.backend.standardize_dtype(symbolic.dtype) == promoted
+
+
+def test_flash_attention_true_takes_the_kernel_or_raises_naming_it():
+    case = _padded_causal_case()
+    try:
+        actual = to_numpy(dot_product_attention(**case, flash_attention=True))
+    except ValueError as error:
+        assert "flash_attention=True" in str(error)  # no kernel here (a CPU)
+    else:
+        expected, _ = reference_attention(**case)
+        np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-3)
+    # The kernel cannot divide by a temperature below 1 after the shift.
+    with pytest.raises(ValueError, match="flash_attention=True"):
+        dot_product_attention(**case, flash_attention=True, temperature=0.5)
+    np.testing.assert_array_equal(
+        to_numpy(dot_product_attention(**case, flash_attention=False)),
+        to_numpy(dot_product_attention(**case)),
+    )
