@@ -1,9 +1,11 @@
-"""Keras' own softmax tests, run against our functions and layer.
+"""Keras' own softmax and attention tests, run against ours.
 
 The installed Keras ships its tests: `keras/src/layers/activations/
 softmax_test.py`, `keras/src/activations/activations_test.py` and
-`keras/src/ops/nn_test.py`. Each softmax case among them runs here with
-Keras' softmax swapped for ours, on whichever backend the suite runs on.
+`keras/src/ops/nn_test.py`. Each softmax and `dot_product_attention` case
+among them runs here with Keras' function swapped for ours, on whichever
+backend the suite runs on; a case that Keras itself skips here (flash
+attention without a GPU) is reported as skipped, with Keras' reason.
 Where we differ on purpose, the case is listed with the reason, and a test
 below asserts our documented behaviour in its place.
 """
@@ -36,6 +38,14 @@ DIFFERENCES = {
     "test_softmax_and_normalize_reject_out_of_range_axis": (
         "it also checks `normalize`, and expects Keras' wording of the error; "
         "ours: test_out_of_range_axis_is_rejected_naming_the_axis_and_the_rank"
+    ),
+    "test_dot_product_attention_inside_scan": (
+        "it calls JAX whatever the backend (Keras' own attention fails it on "
+        "TensorFlow and PyTorch), and its mask, (1, 4, 8) for scores of shape "
+        "(1, 4, 1, 1), does not broadcast to the scores, which ours refuses "
+        "with a ValueError naming both shapes; ours: "
+        "test_mask_or_bias_of_the_wrong_shape_names_both_shapes in "
+        "tests/test_attention.py"
     ),
 }
 
@@ -74,21 +84,62 @@ def ours(monkeypatch):
     "module_name, class_name, method", RUN, ids=[c[2] for c in RUN]
 )
 def test_keras_softmax_case_passes_with_ours(ours, module_name, class_name, method):
+    _run_keras_case(module_name, class_name, method)
+
+
+ATTENTION_CASES = [
+    case
+    for class_name in (
+        "NNOpsDynamicShapeTest",
+        "NNOpsStaticShapeTest",
+        "NNOpsCorrectnessTest",
+        "NNOpsDtypeTest",
+    )
+    for case in _cases(OPS, class_name, ["test_dot_product_attention"])
+]
+ATTENTION_RUN = [case for case in ATTENTION_CASES if case[2] not in DIFFERENCES]
+
+
+@pytest.fixture
+def our_attention(monkeypatch):
+    """Keras' `dot_product_attention` replaced by ours while a case runs."""
+    from keras.src.ops import nn
+
+    monkeypatch.setattr(
+        nn, "dot_product_attention", keras_softmax.dot_product_attention
+    )
+
+
+@pytest.mark.parametrize(
+    "module_name, class_name, method",
+    ATTENTION_RUN,
+    ids=[f"{c[1]}.{c[2]}" for c in ATTENTION_RUN],
+)
+def test_keras_attention_case_passes_with_ours(
+    our_attention, module_name, class_name, method
+):
+    _run_keras_case(module_name, class_name, method)
+
+
+def _run_keras_case(module_name, class_name, method):
     case = getattr(importlib.import_module(module_name), class_name)(method)
     result = unittest.TestResult()
     case.run(result)
     problems = result.errors + result.failures
     assert not problems, problems[0][1]
-    assert result.testsRun == 1 and not result.skipped, result.skipped
+    assert result.testsRun == 1, result
+    if result.skipped:
+        pytest.skip(f"Keras skips it here: {result.skipped[0][1]}")
 
 
-def test_the_keras_suites_hold_softmax_cases_to_run():
+def test_the_keras_suites_hold_softmax_and_attention_cases_to_run():
     # Guards the parametrisation above: a Keras that renames its tests must
     # not turn this file into a no-op.
     assert len(RUN) >= 40
     assert {c[0] for c in RUN} == {LAYER, ACTIVATIONS, OPS}
     # Each listed difference is a real Keras case, replaced by one of ours.
-    assert set(DIFFERENCES) <= {c[2] for c in CASES}
+    assert set(DIFFERENCES) <= {c[2] for c in CASES + ATTENTION_CASES}
+    assert len(ATTENTION_RUN) >= 40
 
 
 def test_out_of_range_axis_is_rejected_naming_the_axis_and_the_rank():
