@@ -24,6 +24,7 @@ MULTI_HEAD_ATTENTION_MEMBERS = (
     "_flash_attention",
     "_inverse_sqrt_key_dim",
     "_masked_softmax",
+    "_num_heads",
     "_softmax",
 )
 

@@ -144,7 +144,7 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
     def __call__(self, *args, **kwargs):
         # Here, not in `call`: Keras' layer gives symbolic calls their shape
         # without running `call`.
-        _check_attention_mask(*args, **kwargs)
+        _check_attention_mask(self._num_heads, *args, **kwargs)
         return super().__call__(*args, **kwargs)
 
     def _masked_softmax(self, attention_scores, attention_mask=None):
@@ -187,7 +187,8 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
         if self._flash_attention and return_attention_scores:
             raise ValueError(
                 "Returning attention scores is not supported when flash "
-                "attention is enabled. Received: return_attention_scores=True "
+                "attention is enabled. Please disable flash attention to access "
+                "attention scores. Received: return_attention_scores=True "
                 f"with flash_attention={self._flash_attention}"
             )
         scores = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
@@ -236,8 +237,12 @@ def _checked(temperature, trainable_temperature):
     return _checks.check_temperature_value(temperature), trainable_temperature
 
 
-def _check_attention_mask(*args, **kwargs):
-    """A ValueError naming both shapes, where Keras would fail deep inside."""
+def _check_attention_mask(num_heads, *args, **kwargs):
+    """A ValueError naming both shapes, where Keras would fail deep inside.
+
+    An attention mask is `(batch, queries, keys)`, or, as Keras' layer also
+    takes it, one per head: `(batch, heads, queries, keys)`.
+    """
     try:
         arguments = _CALL.bind(None, *args, **kwargs).arguments
     except TypeError:
@@ -247,14 +252,16 @@ def _check_attention_mask(*args, **kwargs):
     if attention_mask is None or len(query.shape) != 3:
         return  # attention over several axes: Keras checks it
     expected = (query.shape[0], query.shape[1], value.shape[1])
+    per_head = (query.shape[0], num_heads, *expected[1:])
     if hasattr(attention_mask, "shape"):
         shape = _backend.static_shape(attention_mask)  # None sizes while traced
     else:
         shape = np.shape(attention_mask)
-    if not _checks.broadcasts(shape, expected):
+    if not any(_checks.broadcasts(shape, s) for s in (expected, per_head)):
         raise ValueError(
             "`attention_mask` must be broadcastable to (batch, queries, keys) "
-            f"= {expected}. Received: attention_mask.shape={shape}"
+            f"= {expected}, or to (batch, heads, queries, keys) = {per_head}. "
+            f"Received: attention_mask.shape={shape}"
         )
 
 
