@@ -302,7 +302,11 @@ def _fused_attention(query, key, value, bias, scale, flash_attention):
 def _promoted(tensors):
     """The tensors in the one dtype they promote to, as Keras' attention does."""
     tensors = tuple(tensors)
-    dtype = keras.backend.result_type(*(t.dtype for t in tensors))
+    dtypes = [keras.backend.standardize_dtype(t.dtype) for t in tensors]
+    if len(set(dtypes)) == 1:
+        # Keras' result_type on JAX (3.15) makes even float64 alone float32.
+        return tensors
+    dtype = keras.backend.result_type(*dtypes)
     return tuple(
         t if keras.backend.standardize_dtype(t.dtype) == dtype else ops.cast(t, dtype)
         for t in tensors
