@@ -50,6 +50,36 @@ def fused_attention_serves(dtype: str, key_size, value_size) -> bool:
     return not (backend == "jax" and key_size != value_size)
 
 
+def masked_attention(query, key, value, keep, scale: float, is_causal: bool):
+    """The backend's own attention with a bool mask, where it gives 0 for a
+    query with no key kept; None elsewhere.
+
+    PyTorch's `scaled_dot_product_attention` on a CPU does (2.13): its
+    flash kernel's memory grows linearly in the sequence. Not under
+    `torch.func` or forward mode, for which that kernel has no rules, and
+    only for eager calls: a traced one would freeze the choice.
+    """
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    tensors = (query, key, value) + (() if keep is None else (keep,))
+    if any(t.device.type != "cpu" or not is_concrete(t) for t in tensors):
+        return None
+    if _keras_internals.torch_forward_mode_active():
+        return None
+    if keep is not None and is_causal:
+        rows = torch.arange(query.shape[1])[:, None]
+        keep = keep & (rows >= torch.arange(key.shape[1])[None, :])
+    outputs = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (query, key, value)),
+        attn_mask=keep,
+        is_causal=is_causal and keep is None,
+        scale=scale,
+    )
+    return outputs.transpose(1, 2)
+
+
 def tanh(x):
     """`tanh(x)`, exact to a few ulps in `x`'s dtype.
 
@@ -141,6 +171,15 @@ def matmul(a, b):
 
         return torch.matmul(a, b)
     return keras.ops.matmul(a, b)
+
+
+def maximum(a, b):
+    """`keras.ops.maximum`, in float64 where the inputs are (see `matmul`)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.maximum(a, b)
+    return keras.ops.maximum(a, b)
 
 
 def add_matmul(total, a, b):
@@ -347,12 +386,24 @@ def scan(step, carry, xs):
     return carry, tuple(o.stack() for o in outputs)
 
 
-def custom_vjp(forward, backward, *, forward_for_derivative=None):
+def loop_index(i):
+    """A loop's index as a Python int where the loop is Python's (PyTorch).
+
+    Keras' PyTorch slices (3.15) take a fast path for int start indices.
+    """
+    if keras.backend.backend() == "torch" and not isinstance(i, int):
+        return int(i)
+    return i
+
+
+def custom_vjp(forward, backward, *, forward_for_derivative=None, saves_outputs=False):
     """A function whose reverse-mode derivative is `backward`, on every backend.
 
     `forward(*inputs)` returns `(outputs, saved)`, `saved` a tuple of
     tensors; `backward(inputs, saved, upstream)` returns one gradient per
-    input (None for an integer or bool input). `forward_for_derivative`, of
+    input (None for an integer or bool input). With `saves_outputs`,
+    `backward` receives `(outputs, *saved)` as `saved` (a PyTorch function
+    cannot return its output a second time to save it). `forward_for_derivative`, of
     `forward`'s form, runs instead where a derivative may be taken (JAX's
     forward rule; a recording tape on TensorFlow; autograd or `torch.func`
     on PyTorch), so that it can save what `backward` would recompute.
@@ -384,8 +435,10 @@ def custom_vjp(forward, backward, *, forward_for_derivative=None):
                 with _keras_internals.tape_stop_recording():
                     outputs, saved = chosen(*inputs)
 
+                kept = (outputs, *saved) if saves_outputs else saved
+
                 def grad(upstream):
-                    return list(backward(inputs, saved, upstream))
+                    return list(backward(inputs, kept, upstream))
 
                 return outputs, grad
 
@@ -401,7 +454,8 @@ def custom_vjp(forward, backward, *, forward_for_derivative=None):
 
         def rule_forward(*inputs):
             outputs, saved = (forward_for_derivative or forward)(*inputs)
-            return outputs, (inputs, saved)
+            kept = (outputs, *saved) if saves_outputs else saved
+            return outputs, (inputs, kept)
 
         def rule_backward(residuals, upstream):
             inputs, saved = residuals
@@ -423,7 +477,8 @@ def custom_vjp(forward, backward, *, forward_for_derivative=None):
         def setup_context(ctx, inputs, output):
             inputs = inputs[1:]
             ctx.count = len(inputs)
-            ctx.save_for_backward(*inputs, *output[1:])
+            kept = output if saves_outputs else output[1:]
+            ctx.save_for_backward(*inputs, *kept)
             ctx.mark_non_differentiable(*output[1:])
 
         @staticmethod

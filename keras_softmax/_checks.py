@@ -17,6 +17,13 @@ from keras import ops
 from keras_softmax import _backend
 
 HALF_DTYPES = ("float16", "bfloat16")
+# The lowest finite number of each dtype (NumPy has no bfloat16).
+LOWEST = {
+    "float16": -65504.0,
+    "bfloat16": -3.3895313892515355e38,
+    "float32": float(np.finfo(np.float32).min),
+    "float64": float(np.finfo(np.float64).min),
+}
 _FULL_DTYPES = ("float32", "float64")
 
 

@@ -26,20 +26,12 @@ import numbers
 from typing import NamedTuple
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_softmax import _backend
+from keras_softmax import _blockwise_attention
 from keras_softmax import _checks
 from keras_softmax.softmax import stable_softmax
-
-# The lowest finite number of each dtype (NumPy has no bfloat16).
-_LOWEST = {
-    "float16": -65504.0,
-    "bfloat16": -3.3895313892515355e38,
-    "float32": float(np.finfo(np.float32).min),
-    "float64": float(np.finfo(np.float64).min),
-}
 
 
 def dot_product_attention(
@@ -155,9 +147,6 @@ class _Options(NamedTuple):
 def _attend_checked(query, key, value, bias, mask, options: _Options):
     """`dot_product_attention` after its checks: the mask, then `attend`."""
     keep = _checks.to_keep_mask(mask, _scores_shape(query, key))
-    if options.is_causal:
-        causal = _causal_mask(ops.shape(query)[1], ops.shape(key)[1])
-        keep = causal if keep is None else ops.logical_and(keep, causal)
     keep, bias = (None if t is None else _rank4(t) for t in (keep, bias))
     outputs, _ = attend(
         query,
@@ -169,6 +158,7 @@ def _attend_checked(query, key, value, bias, mask, options: _Options):
         options.temperature,
         flash_attention=options.flash_attention,
         soft_cap=options.soft_cap,
+        is_causal=options.is_causal,
     )
     return outputs
 
@@ -200,11 +190,13 @@ def attend(
     dropout=None,
     flash_attention=None,
     soft_cap=None,
+    is_causal=False,
 ):
     """Attention of checked, rank-4 inputs: `(outputs, weights)`.
 
     The one body that `dot_product_attention` and `StableMultiHeadAttention`
-    share; `weights` is None where the fused kernel computed the outputs.
+    share; `weights` is None where a fused or blockwise kernel computed the
+    outputs.
 
     Args:
         keep: Bool mask broadcastable to `(B, N, T, S)`, or None.
@@ -213,10 +205,15 @@ def attend(
         return_weights: Whether the weights are needed (the explicit path).
         dropout: Optional function applied to the weights before they
             combine the values.
-        flash_attention: Passed to `keras.ops.dot_product_attention`;
-            `True` raises a `ValueError` where its kernel cannot be used.
+        flash_attention: `None` chooses: blocks when the full scores would
+            be large (`_blockwise_attention.LARGE_SCORES`), else the
+            backend's fused attention where it is exact, else the explicit
+            path. `True` asks for Keras' fused flash kernel, or else the
+            blocks; a `ValueError` where neither can run. `False` takes
+            neither.
         soft_cap: Optional positive float `c`: scores `s` become
             `c * tanh(s / c)`, before the temperature and the masks.
+        is_causal: Whether query `t` attends to keys `s <= t` only.
     """
     # Keras' TensorFlow backend repeats grouped heads only when there are
     # several (as of Keras 3.15), so a single key head is repeated here.
@@ -232,36 +229,62 @@ def attend(
         bias = None if bias is None else bias / temperature
         temperature = 1.0
     dtype = _logits_dtype(query)
-    live = None if keep is None else ops.any(keep, axis=-1, keepdims=True)
+    weightless = not return_weights and dropout is None
     fused = (
         foldable
-        and not return_weights
-        and dropout is None
+        and weightless
         and _backend.fused_attention_serves(dtype, key.shape[-1], value.shape[-1])
     )
-    if flash_attention and not fused:
-        raise ValueError(
-            "`flash_attention=True` asks for the fused kernel, which this call "
-            "cannot use: it needs a temperature of at least 1 given as a "
-            "number, no soft cap, no dropout and no returned weights. "
-            "Received: flash_attention=True"
+    blocks = weightless and _blockwise_attention.serves(query, key, bias, keep)
+    if flash_attention:
+        outputs = None
+        if fused:
+            outputs = _flash_attention(query, key, value, bias, keep, scale, is_causal)
+        if outputs is not None:
+            return outputs, None
+        if not blocks:
+            raise ValueError(
+                "`flash_attention=True` asks for a fused or blockwise kernel, "
+                "and neither can run here: the backend has no fused flash "
+                "kernel for this call, and the blocks need no dropout, no "
+                "returned weights and lengths known when traced. "
+                "Received: flash_attention=True"
+            )
+    if blocks and (
+        flash_attention
+        or (
+            flash_attention is None
+            and _blockwise_attention.scores_are_large(query, key)
         )
+    ):
+        return _blockwise(
+            query,
+            key,
+            value,
+            bias,
+            keep,
+            scale,
+            temperature,
+            soft_cap,
+            is_causal,
+            foldable,
+        ), None
+    if is_causal:
+        causal = _causal_mask(ops.shape(query)[1], ops.shape(key)[1])
+        keep = causal if keep is None else ops.logical_and(keep, causal)
+    live = None if keep is None else ops.any(keep, axis=-1, keepdims=True)
     if foldable:
         additive = bias
         if keep is not None:
-            # Rows with nothing kept are opened: their scores stay finite.
-            opened = ops.logical_or(keep, ops.logical_not(live))
-            # The fused kernel takes the bias in the inputs' dtype: a half
-            # precision fill must be finite there too.
-            fill_dtype = (
-                keras.backend.standardize_dtype(query.dtype) if fused else dtype
-            )
-            fill = ops.convert_to_tensor(_LOWEST[fill_dtype], fill_dtype)
-            kept = ops.zeros((), fill_dtype) if bias is None else bias
-            additive = ops.where(opened, ops.cast(kept, fill_dtype), fill)
+            additive = _additive_mask(keep, live, bias, query.dtype if fused else dtype)
         if fused:
-            outputs = _fused_attention(
-                query, key, value, additive, scale, flash_attention
+            outputs = ops.dot_product_attention(
+                query,
+                key,
+                value,
+                bias=additive,
+                scale=scale,
+                flash_attention=flash_attention,  # False or None by now
             )
             if live is not None:
                 outputs = outputs * _per_query(live, outputs.dtype)
@@ -281,22 +304,57 @@ def attend(
     return outputs, weights
 
 
-def _fused_attention(query, key, value, bias, scale, flash_attention):
-    """Keras' fused attention; a `ValueError` where flash attention is missing."""
+def _additive_mask(keep, live, bias, dtype):
+    """The bias, with the lowest finite number where a key is masked.
+
+    Rows with nothing kept are opened, so that their scores stay finite;
+    their outputs are multiplied by 0 afterwards. In the fused kernel's
+    dtype, the inputs': a half-precision fill must be finite there too.
+    """
+    dtype = keras.backend.standardize_dtype(dtype)
+    opened = ops.logical_or(keep, ops.logical_not(live))
+    fill = ops.convert_to_tensor(_checks.LOWEST[dtype], dtype)
+    kept = ops.zeros((), dtype) if bias is None else ops.cast(bias, dtype)
+    return ops.where(opened, kept, fill)
+
+
+def _blockwise(
+    query, key, value, bias, keep, scale, temperature, soft_cap, is_causal, foldable
+):
+    """The blocks: the backend's own kernel where it has our semantics."""
+    if foldable and bias is None:
+        outputs = _backend.masked_attention(query, key, value, keep, scale, is_causal)
+        if outputs is not None:
+            return outputs
+    dtype = _logits_dtype(query)
+    query, key, value = (ops.cast(t, dtype) for t in (query, key, value))
+    outputs = _blockwise_attention.blockwise_attention(
+        query, key, value, bias, keep, scale, temperature, is_causal, soft_cap
+    )
+    return ops.cast(outputs, value.dtype)
+
+
+def _flash_attention(query, key, value, bias, keep, scale, is_causal):
+    """Keras' fused flash kernel, or None where the backend has none here."""
+    if keep is not None:
+        if is_causal:
+            causal = _causal_mask(ops.shape(query)[1], ops.shape(key)[1])
+            keep = ops.logical_and(keep, causal)
+        live = ops.any(keep, axis=-1, keepdims=True)
+        bias = _additive_mask(keep, live, bias, query.dtype)
     try:
-        return ops.dot_product_attention(
-            query, key, value, bias=bias, scale=scale, flash_attention=flash_attention
+        outputs = ops.dot_product_attention(
+            query,
+            key,
+            value,
+            bias=bias,
+            scale=scale,
+            is_causal=is_causal and keep is None,
+            flash_attention=True,
         )
-    except (RuntimeError, ValueError) as error:
-        if not flash_attention:
-            raise
-        raise ValueError(
-            "`flash_attention=True` asks for a flash-attention kernel, which "
-            f"Keras' {keras.backend.backend()} backend does not offer here "
-            f"({error}). "
-            "Pass flash_attention=None to let the function choose. "
-            "Received: flash_attention=True"
-        ) from error
+    except (RuntimeError, ValueError):  # none on a CPU, for one
+        return None
+    return outputs if keep is None else outputs * _per_query(live, outputs.dtype)
 
 
 def _promoted(tensors):

@@ -5,7 +5,6 @@ import inspect
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_softmax import _backend
 from keras_softmax import _checks
@@ -193,9 +192,6 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             )
         scores = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
         keep = _checks.to_keep_mask(attention_mask, scores, align=-3)
-        if use_causal_mask:
-            causal = self._compute_causal_mask(query, value)[:, None]
-            keep = causal if keep is None else ops.logical_and(keep, causal)
         dropout = None
         if self._dropout > 0.0:
             dropout = functools.partial(self._dropout_layer, training=training)
@@ -210,6 +206,7 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             return_weights=return_attention_scores,
             dropout=dropout,
             flash_attention=self._flash_attention,
+            is_causal=use_causal_mask,
         )
 
     @classmethod

@@ -1,4 +1,8 @@
-"""The float64 NumPy reference for attention, and the float32 error it allows."""
+"""The float64 NumPy reference for attention, the float32 error it allows,
+and blocks small enough that short test sequences span several."""
+
+import contextlib
+from unittest import mock
 
 import numpy as np
 from reference import FLOAT32_EPS
@@ -76,3 +80,18 @@ def output_tolerance(query, key, value, bias=None, scale=None, temperature=1.0):
         2 * score_error.transpose(0, 2, 1) + (2 * length + 8) * FLOAT32_EPS
     )
     return error[..., None] + length * _FLOAT32_TINY
+
+
+@contextlib.contextmanager
+def small_blocks(side=2):
+    """Blocks of `side` queries and keys (and blocks chosen from 64 scores)."""
+    from keras_softmax import _blockwise_attention
+
+    with mock.patch.multiple(
+        _blockwise_attention,
+        _BLOCK_ELEMENTS=side * side,
+        _MIN_BLOCK=side,
+        _MAX_BLOCK=side,
+        LARGE_SCORES=64,
+    ):
+        yield

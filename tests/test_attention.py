@@ -1,11 +1,14 @@
 """`dot_product_attention`: Keras' attention, with fully masked queries at 0."""
 
+from unittest import mock
+
 import keras
 import numpy as np
 import pytest
 from attention_reference import attention as reference_attention
 from attention_reference import live_queries
 from attention_reference import output_tolerance
+from attention_reference import small_blocks
 from backends import BACKEND
 from backends import compiled
 from backends import gradient
@@ -60,9 +63,19 @@ def _full_mask(case):
     return None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
 
 
-@given(attention_inputs())
-def test_matches_float64_reference_and_fully_masked_queries_are_exactly_zero(case):
-    actual = to_numpy(dot_product_attention(**case))
+# The path chosen at these sizes (the full scores), and blocks of two
+# queries and two keys (FlashAttention's algorithm, or on PyTorch its SDPA
+# where the arguments allow).
+PATHS = {"chosen": None, "blocks": True}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@given(case=attention_inputs())
+def test_matches_float64_reference_and_fully_masked_queries_are_exactly_zero(
+    path, case
+):
+    with small_blocks():
+        actual = to_numpy(dot_product_attention(**case, flash_attention=PATHS[path]))
     expected, _ = reference_attention(**{**case, "mask": _full_mask(case)})
     q = case["query"]
     live = live_queries(
@@ -162,11 +175,12 @@ def test_huge_scores_give_the_reference_and_finite_gradients():
             assert np.all(np.isfinite(grad)), (wrt, temperature)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     "temperature, soft_cap", [(1.0, None), (2.0, None), (0.5, None), (0.5, 1.5)]
 )
 def test_gradient_matches_central_differences_and_is_zero_for_dead_queries(
-    temperature, soft_cap
+    temperature, soft_cap, path
 ):
     rng = np.random.default_rng(2)
     shapes = [(1, 3, 2, 2), (1, 4, 2, 2), (1, 4, 2, 2)]
@@ -184,15 +198,17 @@ def test_gradient_matches_central_differences_and_is_zero_for_dead_queries(
 
     def ours(x):
         q, k, v = split(x)
-        return dot_product_attention(
-            q,
-            k,
-            v,
-            bias=bias,
-            mask=mask,
-            temperature=temperature,
-            attn_logits_soft_cap=soft_cap,
-        )
+        with small_blocks():
+            return dot_product_attention(
+                q,
+                k,
+                v,
+                bias=bias,
+                mask=mask,
+                temperature=temperature,
+                attn_logits_soft_cap=soft_cap,
+                flash_attention=PATHS[path],
+            )
 
     def reference(x):
         q, k, v = split(x, np.reshape)
@@ -365,19 +381,113 @@ def test_symbolic_output_dtype_is_the_eager_one_for_mixed_dtypes():
     assert keras.backend.standardize_dtype(symbolic.dtype) == promoted
 
 
-def test_flash_attention_true_takes_the_kernel_or_raises_naming_it():
-    case = _padded_causal_case()
-    try:
-        actual = to_numpy(dot_product_attention(**case, flash_attention=True))
-    except ValueError as error:
-        assert "flash_attention=True" in str(error)  # no kernel here (a CPU)
-    else:
-        expected, _ = reference_attention(**case)
-        np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-3)
-    # The kernel cannot divide by a temperature below 1 after the shift.
-    with pytest.raises(ValueError, match="flash_attention=True"):
-        dot_product_attention(**case, flash_attention=True, temperature=0.5)
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_flash_attention_true_takes_a_kernel_that_gives_the_reference(temperature):
+    case = {**_padded_causal_case(), "is_causal": True, "temperature": temperature}
+    actual = to_numpy(dot_product_attention(**case, flash_attention=True))
+    expected, _ = reference_attention(**case)
+    np.testing.assert_array_equal(actual[:, 1], 0.0)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(
         to_numpy(dot_product_attention(**case, flash_attention=False)),
         to_numpy(dot_product_attention(**case)),
     )
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="unknown lengths need a graph")
+def test_flash_attention_true_raises_naming_it_where_lengths_are_unknown():
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((1, None, 1, 4))
+
+    @tf.function(input_signature=[spec, spec])
+    def attend(q, k):
+        return dot_product_attention(q, k, k, flash_attention=True)
+
+    with pytest.raises(ValueError, match="flash_attention=True"):
+        attend.get_concrete_function()
+
+
+def test_blocks_are_chosen_for_large_scores_and_change_results_by_rounding_only():
+    rng = np.random.default_rng(8)
+    q, k, v = (rng.normal(size=(2, 9, 2, 4)).astype("float32") for _ in range(3))
+    mask = rng.random((2, 1, 1, 9)) < 0.8
+    mask[1, 0, 0, :] = False
+    case = dict(query=q, key=k, value=v, mask=mask, is_causal=True, temperature=0.7)
+    from keras_softmax import _blockwise_attention
+
+    with (
+        small_blocks(),
+        mock.patch.object(
+            _blockwise_attention,
+            "blockwise_attention",
+            wraps=_blockwise_attention.blockwise_attention,
+        ) as blocks,
+    ):
+        chosen = to_numpy(dot_product_attention(**case))
+        assert blocks.call_count == 1  # 2 * 2 * 9 * 9 scores >= 64
+        full = to_numpy(dot_product_attention(**case, flash_attention=False))
+        assert blocks.call_count == 1
+    np.testing.assert_array_equal(chosen[1], 0.0)
+    allowed = output_tolerance(q, k, v, temperature=0.7)
+    assert np.all(np.abs(chosen - full) <= 2 * allowed)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="reads the traced program (jaxpr)")
+def test_blocks_never_build_the_scores_forward_or_backward():
+    import jax
+
+    length, heads, size = 64, 2, 4
+    q = np.ones((1, length, heads, size), "float32")
+    mask = np.ones((1, 1, 1, length), bool)
+
+    def loss(q):
+        out = dot_product_attention(q, q, q, mask=mask, is_causal=True)
+        return keras.ops.sum(out)
+
+    with small_blocks(side=8):
+        program = jax.make_jaxpr(jax.grad(loss))(q)
+    sizes = []
+
+    def walk(jaxpr):
+        for equation in jaxpr.eqns:
+            sizes.extend(int(np.prod(v.aval.shape)) for v in equation.outvars)
+            for param in equation.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    if hasattr(sub, "jaxpr"):
+                        walk(getattr(sub.jaxpr, "jaxpr", sub.jaxpr))
+
+    walk(program.jaxpr)
+    # The largest tensor is one block's scores or the inputs, never T * S.
+    assert max(sizes) <= max(heads * 8 * 8, length * heads * size), max(sizes)
+    assert length * length not in sizes and heads * length * length not in sizes
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's own attention")
+def test_pytorch_sdpa_agrees_with_the_blocks_formula_and_zeroes_dead_queries():
+    import torch
+
+    from keras_softmax import _backend
+    from keras_softmax import _blockwise_attention
+
+    rng = np.random.default_rng(9)
+    q, k, v = (torch.tensor(rng.normal(size=(2, 7, 2, 4))) for _ in range(3))
+    keep = torch.tensor(rng.random((2, 1, 7, 7)) < 0.7)
+    keep[1, 0, 3] = False
+    for is_causal in (False, True):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        native = _backend.masked_attention(*inputs, keep, 0.5, is_causal)
+        (native * torch.arange(1.0, 5.0)).sum().backward()
+        blocks_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        with small_blocks():
+            formula = _blockwise_attention.blockwise_attention(
+                *blocks_inputs, None, keep, 0.5, 1.0, is_causal, None
+            )
+        (formula * torch.arange(1.0, 5.0)).sum().backward()
+        np.testing.assert_array_equal(to_numpy(native)[1, 3], 0.0)
+        np.testing.assert_allclose(to_numpy(native), to_numpy(formula), atol=1e-12)
+        for ours, theirs in zip(blocks_inputs, inputs, strict=True):
+            np.testing.assert_allclose(
+                to_numpy(theirs.grad), to_numpy(ours.grad), atol=1e-12
+            )
+        np.testing.assert_array_equal(to_numpy(inputs[0].grad)[1, 3], 0.0)
