@@ -173,6 +173,30 @@ def matmul(a, b):
     return keras.ops.matmul(a, b)
 
 
+def slice_add(x, starts, update):
+    """`x` with `update` added to its block that starts at `starts`.
+
+    On PyTorch, out of place through `slice_scatter`: Keras' `slice_update`
+    (3.15) assigns into a copy, which `torch.func.vmap` refuses when only
+    the update is batched.
+    """
+    if keras.backend.backend() != "torch":
+        block = keras.ops.slice(x, starts, keras.ops.shape(update))
+        return keras.ops.slice_update(x, starts, block + update)
+    import torch
+
+    def added(x, axis):
+        if axis == x.dim():
+            return x + update
+        start, size = starts[axis], update.shape[axis]
+        if size == x.shape[axis]:
+            return added(x, axis + 1)
+        inner = added(x.narrow(axis, start, size), axis + 1)
+        return torch.slice_scatter(x, inner, axis, start, start + size)
+
+    return added(x, 0)
+
+
 def maximum(a, b):
     """`keras.ops.maximum`, in float64 where the inputs are (see `matmul`)."""
     if keras.backend.backend() == "torch":

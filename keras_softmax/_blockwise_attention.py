@@ -231,12 +231,13 @@ def _blocks(x, block):
     """`(B, L, ...)` as `(L / block, B, block, ...)`."""
     shape = tuple(ops.shape(x))
     x = ops.reshape(x, (shape[0], shape[1] // block, block) + shape[2:])
-    return ops.moveaxis(x, 1, 0)
+    # (Not `moveaxis`: `torch.func` has no batching rule for it.)
+    return ops.transpose(x, (1, 0) + tuple(range(2, len(x.shape))))
 
 
 def _unblocks(x):
     """The inverse of `_blocks`."""
-    x = ops.moveaxis(x, 0, 1)
+    x = ops.transpose(x, (1, 0) + tuple(range(2, len(x.shape))))
     shape = tuple(ops.shape(x))
     return ops.reshape(x, (shape[0], shape[1] * shape[2]) + shape[3:])
 
@@ -359,10 +360,9 @@ def _backward(spec, x: _Inputs, saved, upstream):
             if spec.biased:
                 d_bias = _add_block(spec, d_bias, d_scores, i, j)
             d_scores = d_scores * ops.cast(spec.scale, dtype)
-            d_query = ops.slice_update(
-                d_query,
-                _indices([i, 0, 0, 0, 0]),
-                d_query[i][None] + ops.einsum("BNTS,BSNH->BTNH", d_scores, key_j)[None],
+            d_query_i = ops.einsum("BNTS,BSNH->BTNH", d_scores, key_j)
+            d_query = _backend.slice_add(
+                d_query, _indices([i, 0, 0, 0, 0]), d_query_i[None]
             )
             d_key = d_key + ops.einsum("BNTS,BTNH->BSNH", d_scores, query_i)
             return d_key, d_value, d_query, d_bias, d_temperature
@@ -409,9 +409,7 @@ def _add_block(spec, total, d_scores, i, j):
         starts[2] = i * spec.block_queries
     if total.shape[3] != 1:
         starts[3] = j * spec.block_keys
-    starts = _indices(starts)
-    block = ops.slice(total, starts, ops.shape(d_scores))
-    return ops.slice_update(total, starts, block + d_scores)
+    return _backend.slice_add(total, _indices(starts), d_scores)
 
 
 def _indices(starts):

@@ -13,6 +13,7 @@ import functools
 import keras
 import numpy as np
 import pytest
+from attention_reference import small_blocks
 from backends import BACKEND
 from backends import FIRST_ORDER
 from backends import REVERSE_MODE
@@ -190,9 +191,35 @@ def _cross_entropy_subjects():
     }
 
 
+def _blocks_subjects():
+    """Attention over blocks of 2 (FlashAttention's custom derivative)."""
+    q, k, v, mask = _attention_inputs()
+    bias = np.array([[[[0.4, -0.3, 0.1], [0.2, 0.5, -0.6]]]])
+
+    def attend(q, k, v, t):
+        with small_blocks():
+            return dot_product_attention(
+                q,
+                k,
+                v,
+                bias=bias,
+                mask=mask,
+                is_causal=True,
+                temperature=t,
+                attn_logits_soft_cap=2.0,
+                flash_attention=True,
+            )
+
+    return {
+        "dot_product_attention, blocks, tensor T, soft cap": Subject(
+            attend, q, k, v, np.array(0.8)
+        )
+    }
+
+
 # Kernels whose custom derivative is reverse mode only (forward mode is
 # optional for them).
-REVERSE_SUBJECTS = _cross_entropy_subjects()
+REVERSE_SUBJECTS = _cross_entropy_subjects() | _blocks_subjects()
 SUBJECTS |= REVERSE_SUBJECTS
 
 

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 from attention_reference import attention as reference_attention
+from attention_reference import small_blocks
 from backends import BACKEND
 from backends import exports
 from reference import to_numpy
@@ -101,6 +102,26 @@ def test_fully_masked_query_outputs_the_output_bias_where_keras_averages():
 
 def _scores():
     return {"return_attention_scores": True}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_flash_attention_takes_blocks_with_the_reference_result(temperature):
+    # (Keras' own layer refuses flash attention on a CPU.)
+    ours = StableMultiHeadAttention(
+        2, 4, temperature=temperature, flash_attention=True, seed=0
+    )
+    x = _inputs(length=9)
+    mask = np.random.default_rng(5).random((3, 9, 9)) < 0.7
+    mask[1, 4] = False
+    causal = np.tril(np.ones((9, 9), bool))
+    with small_blocks():
+        out = to_numpy(ours(x, x, attention_mask=mask, use_causal_mask=True))
+    expected, _ = _projected_reference(ours, x, x, mask & causal)
+    bias = to_numpy(ours.output_dense.bias)
+    np.testing.assert_array_equal(out[1, 4], bias)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="flash attention"):
+        ours(x, x, **_scores())
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0, 0.5])
