@@ -54,15 +54,18 @@ def masked_attention(query, key, value, keep, scale: float, is_causal: bool):
     """The backend's own attention with a bool mask, where it gives 0 for a
     query with no key kept; None elsewhere.
 
-    PyTorch's `scaled_dot_product_attention` on a CPU does (2.13): its
-    flash kernel's memory grows linearly in the sequence. Not under
-    `torch.func` or forward mode, for which that kernel has no rules, and
+    PyTorch's `scaled_dot_product_attention` on a CPU does (2.13), and its
+    flash kernel's memory grows linearly in the sequence. Not in float64
+    (where derivatives are checked: that kernel has no second derivative),
+    not under `torch.func` or forward mode (it has no rules for them), and
     only for eager calls: a traced one would freeze the choice.
     """
     if keras.backend.backend() != "torch":
         return None
     import torch
 
+    if query.dtype == torch.float64:
+        return None
     tensors = (query, key, value) + (() if keep is None else (keep,))
     if any(t.device.type != "cpu" or not is_concrete(t) for t in tensors):
         return None
@@ -418,6 +421,26 @@ def loop_index(i):
     if keras.backend.backend() == "torch" and not isinstance(i, int):
         return int(i)
     return i
+
+
+def fori_loop(lower, upper, body, carry):
+    """`keras.ops.fori_loop`, two iterations at a time on TensorFlow.
+
+    Keras' TensorFlow loop (3.15) lets ten iterations run side by side, and
+    each holds its own temporaries (a block of attention's scores). Two
+    keep a 2-core CPU busy: one at a time took 1.3x as long.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return keras.ops.fori_loop(lower, upper, body, carry)
+    import tensorflow as tf
+
+    _, carry = tf.while_loop(
+        lambda i, _: i < upper,
+        lambda i, carry: (i + 1, body(i, carry)),
+        (lower, carry),
+        parallel_iterations=2,
+    )
+    return carry
 
 
 def custom_vjp(forward, backward, *, forward_for_derivative=None, saves_outputs=False):

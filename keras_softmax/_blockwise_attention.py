@@ -293,7 +293,7 @@ def _forward(spec, x: _Inputs):
             return new_shift, total, weighted
 
         blocks = _key_block_count(spec, i, count)
-        shift, total, weighted = ops.fori_loop(0, blocks, key_block, initial)
+        shift, total, weighted = _backend.fori_loop(0, blocks, key_block, initial)
         # A query with nothing kept has a total of 0, and outputs 0.
         # (A kept maximum contributes exp(0) = 1: a positive total is >= 1.)
         inverse_total = ops.where(
@@ -369,7 +369,7 @@ def _backward(spec, x: _Inputs, saved, upstream):
 
         d_query, d_bias, d_temperature = carry
         state = (ops.zeros_like(key_j), ops.zeros_like(value_j)) + carry
-        d_key, d_value, *carry = ops.fori_loop(
+        d_key, d_value, *carry = _backend.fori_loop(
             _first_query_block(spec, j), count, query_block, state
         )
         return tuple(carry), (d_key, d_value)

@@ -250,25 +250,24 @@ def attend(
                 "returned weights and lengths known when traced. "
                 "Received: flash_attention=True"
             )
-    if blocks and (
-        flash_attention
-        or (
-            flash_attention is None
-            and _blockwise_attention.scores_are_large(query, key)
-        )
-    ):
-        return _blockwise(
-            query,
-            key,
-            value,
+    if foldable and weightless and bias is None and flash_attention is not False:
+        # The backend's own kernel, where it has our semantics.
+        outputs = _backend.masked_attention(query, key, value, keep, scale, is_causal)
+        if outputs is not None:
+            return outputs, None
+    large = _blockwise_attention.scores_are_large(query, key)
+    if blocks and (flash_attention or (flash_attention is None and large)):
+        dtype = _logits_dtype(query)
+        outputs = _blockwise_attention.blockwise_attention(
+            *(ops.cast(t, dtype) for t in (query, key, value)),
             bias,
             keep,
             scale,
             temperature,
-            soft_cap,
             is_causal,
-            foldable,
-        ), None
+            soft_cap,
+        )
+        return ops.cast(outputs, value.dtype), None
     if is_causal:
         causal = _causal_mask(ops.shape(query)[1], ops.shape(key)[1])
         keep = causal if keep is None else ops.logical_and(keep, causal)
@@ -316,22 +315,6 @@ def _additive_mask(keep, live, bias, dtype):
     fill = ops.convert_to_tensor(_checks.LOWEST[dtype], dtype)
     kept = ops.zeros((), dtype) if bias is None else ops.cast(bias, dtype)
     return ops.where(opened, kept, fill)
-
-
-def _blockwise(
-    query, key, value, bias, keep, scale, temperature, soft_cap, is_causal, foldable
-):
-    """The blocks: the backend's own kernel where it has our semantics."""
-    if foldable and bias is None:
-        outputs = _backend.masked_attention(query, key, value, keep, scale, is_causal)
-        if outputs is not None:
-            return outputs
-    dtype = _logits_dtype(query)
-    query, key, value = (ops.cast(t, dtype) for t in (query, key, value))
-    outputs = _blockwise_attention.blockwise_attention(
-        query, key, value, bias, keep, scale, temperature, is_causal, soft_cap
-    )
-    return ops.cast(outputs, value.dtype)
 
 
 def _flash_attention(query, key, value, bias, keep, scale, is_causal):

@@ -471,7 +471,12 @@ def test_pytorch_sdpa_agrees_with_the_blocks_formula_and_zeroes_dead_queries():
     from keras_softmax import _blockwise_attention
 
     rng = np.random.default_rng(9)
-    q, k, v = (torch.tensor(rng.normal(size=(2, 7, 2, 4))) for _ in range(3))
+    # float32: in float64 the formula runs (PyTorch's kernel has no second
+    # derivative, and float64 is where derivatives are checked).
+    q, k, v = (
+        torch.tensor(rng.normal(size=(2, 7, 2, 4)), dtype=torch.float32)
+        for _ in range(3)
+    )
     keep = torch.tensor(rng.random((2, 1, 7, 7)) < 0.7)
     keep[1, 0, 3] = False
     for is_causal in (False, True):
@@ -485,9 +490,10 @@ def test_pytorch_sdpa_agrees_with_the_blocks_formula_and_zeroes_dead_queries():
             )
         (formula * torch.arange(1.0, 5.0)).sum().backward()
         np.testing.assert_array_equal(to_numpy(native)[1, 3], 0.0)
-        np.testing.assert_allclose(to_numpy(native), to_numpy(formula), atol=1e-12)
+        assert native is not None
+        np.testing.assert_allclose(to_numpy(native), to_numpy(formula), atol=1e-6)
         for ours, theirs in zip(blocks_inputs, inputs, strict=True):
             np.testing.assert_allclose(
-                to_numpy(theirs.grad), to_numpy(ours.grad), atol=1e-12
+                to_numpy(theirs.grad), to_numpy(ours.grad), rtol=1e-5, atol=1e-5
             )
         np.testing.assert_array_equal(to_numpy(inputs[0].grad)[1, 3], 0.0)

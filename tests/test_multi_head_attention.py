@@ -7,6 +7,7 @@ from attention_reference import attention as reference_attention
 from attention_reference import small_blocks
 from backends import BACKEND
 from backends import exports
+from reference import FLOAT32_EPS
 from reference import to_numpy
 
 import keras_softmax
@@ -100,6 +101,18 @@ def test_fully_masked_query_outputs_the_output_bias_where_keras_averages():
     np.testing.assert_allclose(weights, expected_weights, rtol=1e-5, atol=1e-6)
 
 
+def _assert_equal_but_for_float32_rounding(actual, expected):
+    """Equal within a few float32 ulps of the largest output.
+
+    The output projection sums terms as large as the largest output, so
+    its rounding is relative to that, not to each (possibly small) output:
+    PyTorch's CPU kernel and the explicit path differed by 2.6e-6 in an
+    output of 0.054 where the largest was 32.
+    """
+    tolerance = 8 * FLOAT32_EPS * np.abs(expected).max()
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance)
+
+
 def _scores():
     return {"return_attention_scores": True}
 
@@ -135,7 +148,7 @@ def test_same_outputs_with_and_without_the_attention_scores(temperature):
     with_scores = to_numpy(with_scores)
     if BACKEND == "torch" and temperature >= 1.0:
         # PyTorch's fused kernel rounds differently from the explicit path.
-        np.testing.assert_allclose(plain, with_scores, rtol=1e-6, atol=1e-6)
+        _assert_equal_but_for_float32_rounding(plain, with_scores)
     else:
         np.testing.assert_array_equal(plain, with_scores)
 
@@ -225,11 +238,9 @@ def test_dropout_drops_weights_in_training_only_and_keeps_dead_queries_at_bias()
     mask[0, 1] = False
     bias = to_numpy(ours.output_dense.bias)
     inference = to_numpy(ours(x, x, attention_mask=mask, training=False))
-    np.testing.assert_allclose(
-        inference,
-        to_numpy(plain(x, x, attention_mask=mask)),
-        rtol=1e-6,
-        atol=1e-6,
+    # (Without dropout, a fused kernel may compute the plain layer.)
+    _assert_equal_but_for_float32_rounding(
+        inference, to_numpy(plain(x, x, attention_mask=mask))
     )
     trained = to_numpy(ours(x, x, attention_mask=mask, training=True))
     assert np.abs(trained - inference).max() > 1e-3

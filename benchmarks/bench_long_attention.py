@@ -1,0 +1,173 @@
+"""Causal attention over a long sequence: one forward and backward step.
+
+The issue's case: B = 1, 8 heads of 64, float32, causal; the step is the
+outputs and the gradients of `sum(outputs ** 2) / 2` for the queries, keys
+and values, as each backend runs a training step: a `tf.function` without
+XLA (how `fit` runs on a CPU), `jax.jit`, PyTorch eagerly. Contenders:
+`keras_softmax.dot_product_attention` as it chooses (at these lengths, its
+blocks; on PyTorch, PyTorch's SDPA), Keras' `dot_product_attention`, and on
+PyTorch, PyTorch's `scaled_dot_product_attention`. Time: side by side in
+one process, medians (benchmarks/_timing.py); memory: the extra peak RSS
+of one step, each contender in a fresh process (benchmarks/_memory.py).
+Run from the repository root:
+
+    python benchmarks/bench_long_attention.py                    # TF, T = 4096
+    python benchmarks/bench_long_attention.py --length 16384 --memory-only
+    python benchmarks/bench_long_attention.py --backend jax
+    python benchmarks/bench_long_attention.py --backend torch
+"""
+
+import argparse
+import os
+
+from _memory import extra_peak_mib
+from _memory import in_fresh_process
+
+OURS, KERAS, TORCH = (
+    "keras_softmax.dot_product_attention",
+    "keras.ops.dot_product_attention",
+    "torch scaled_dot_product_attention",
+)
+BACKENDS = ("tensorflow", "jax", "torch")
+HEADS, HEAD_SIZE = 8, 64
+
+
+def _contenders(backend):
+    return (OURS, KERAS, TORCH) if backend == "torch" else (OURS, KERAS)
+
+
+def _attention(which):
+    import keras
+
+    import keras_softmax
+
+    if which == OURS:
+        return lambda q, k, v: keras_softmax.dot_product_attention(
+            q, k, v, is_causal=True
+        )
+    if which == KERAS:
+        return lambda q, k, v: keras.ops.dot_product_attention(q, k, v, is_causal=True)
+    import torch
+
+    def sdpa(q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2)
+
+    return sdpa
+
+
+def _step(backend, which, length):
+    """`(step, sync)`: one forward and backward step, and its wait."""
+    attention = _attention(which)
+    shape = (1, length, HEADS, HEAD_SIZE)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        # Made by the backend itself: no NumPy copy raises the peak beforehand.
+        tf.random.set_seed(0)
+        q, k, v = (tf.random.normal(shape) for _ in range(3))
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch([q, k, v])
+                loss = tf.reduce_sum(tf.square(attention(q, k, v))) / 2
+            return loss, tape.gradient(loss, [q, k, v])
+
+        return step, lambda result: result[0].numpy()
+    if backend == "jax":
+        import jax
+
+        keys = jax.random.split(jax.random.PRNGKey(0), 3)
+        q, k, v = (jax.random.normal(key, shape) for key in keys)
+
+        def loss(q, k, v):
+            return (attention(q, k, v) ** 2).sum() / 2
+
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        return (lambda: grad(q, k, v)), jax.block_until_ready
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(shape, generator=generator, requires_grad=True) for _ in range(3)
+    )
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        loss = (attention(q, k, v) ** 2).sum() / 2
+        loss.backward()
+        return loss
+
+    return step, lambda result: float(result.detach())
+
+
+def peak_memory(backend, which, length):
+    """Extra peak RSS, in MiB, of one step, after a short one has warmed up."""
+    # The short step's tensors stay alive: memory they freed could
+    # otherwise be reused unseen.
+    short, sync = _step(backend, which, 256)
+    sync(short())
+    step, sync = _step(backend, which, length)
+    return extra_peak_mib(step, sync)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=BACKENDS, default="tensorflow")
+    parser.add_argument("--length", type=int, default=4096, help="T (default 4096)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", action="store_true", help="skip the timing")
+    args = parser.parse_args(argv)
+    os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.memory_of:
+        print(peak_memory(args.backend, args.memory_of, args.length))
+        return
+    contenders = _contenders(args.backend)
+    print(
+        f"{args.backend}: causal, B = 1, T = S = {args.length}, "
+        f"{HEADS} heads of {HEAD_SIZE}, float32, forward and backward"
+    )
+    memory = {}
+    for which in contenders:
+        arguments = ["--backend", args.backend, "--length", str(args.length)]
+        memory[which] = in_fresh_process(__file__, arguments + ["--memory-of", which])
+        if isinstance(memory[which], str):
+            print(f"{which}: {memory[which]}")
+    if not args.memory_only:
+        from _timing import interleaved_timings
+
+        steps = {w: _step(args.backend, w, args.length) for w in contenders}
+        timings = interleaved_timings(
+            {w: step for w, (step, _) in steps.items()},
+            sync=steps[OURS][1],
+            rounds=args.rounds,
+            warmup=1,
+        )
+    print("| step | wall s | CPU s | extra peak MiB |")
+    print("|---|---|---|---|")
+    for which in contenders:
+        wall = "" if args.memory_only else f"{timings.wall[which]:.2f}"
+        cpu = "" if args.memory_only else f"{timings.cpu[which]:.2f}"
+        peak = memory[which]
+        peak = "failed" if isinstance(peak, str) else f"{peak:.0f}"
+        print(f"| {which} | {wall} | {cpu} | {peak} |")
+    for which in contenders[1:]:
+        time = (
+            ""
+            if args.memory_only
+            else f"time {timings.wall[OURS] / timings.wall[which]:.2f}, "
+        )
+        both = all(isinstance(memory[w], float) for w in (OURS, which))
+        ratio = (
+            f"memory {memory[OURS] / memory[which]:.2f}" if both else "memory: failed"
+        )
+        print(f"ours / {which}: {time}{ratio}")
+
+
+if __name__ == "__main__":
+    main()
