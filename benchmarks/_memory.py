@@ -11,12 +11,16 @@ import sys
 from collections.abc import Callable
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def extra_peak_mib(step: Callable[[], object], sync: Callable[[object], object]):
     """How far one call of `step` raises this process's peak RSS, in MiB."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_mib()
     sync(step())
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024
+    return peak_rss_mib() - before
 
 
 def in_fresh_process(script: str, arguments: list[str]) -> float | str:
@@ -26,6 +30,7 @@ def in_fresh_process(script: str, arguments: list[str]) -> float | str:
     )
     if result.returncode == 0:
         return float(result.stdout.split()[-1])
-    # (Out of memory, for one: the naive step at long lengths.)
+    if result.returncode == -9:
+        return "killed (SIGKILL: out of memory, as a rule)"
     last = (result.stderr.strip().splitlines() or ["no stderr"])[-1]
     return f"failed ({result.returncode}): {last}"

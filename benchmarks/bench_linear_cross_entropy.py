@@ -21,9 +21,9 @@ on JAX and PyTorch.
 
 import argparse
 import os
-import resource
-import subprocess
-import sys
+
+from _memory import extra_peak_mib
+from _memory import in_fresh_process
 
 SIZES = {  # backend: (tokens, depth, vocabulary)
     "tensorflow": (4096, 512, 131072),
@@ -131,10 +131,7 @@ def peak_memory(backend, which, tokens, depth, vocabulary, chunk_size=None):
     small, sync = _step(backend, which, 64, depth, vocabulary, chunk_size)
     sync(small())
     step, sync = _step(backend, which, tokens, depth, vocabulary, chunk_size)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    sync(step())
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024
+    return extra_peak_mib(step, sync)
 
 
 def main(argv=None):
@@ -166,16 +163,15 @@ def main(argv=None):
     )
     memory = {}
     for which in contenders:
-        command = [sys.executable, __file__, "--backend", args.backend]
-        command += ["--tokens", str(tokens), "--memory-of", which]
+        arguments = ["--backend", args.backend, "--tokens", str(tokens)]
+        arguments += ["--memory-of", which]
         if args.chunk_size:
-            command += ["--chunk-size", str(args.chunk_size)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode == 0:
-            memory[which] = float(result.stdout.split()[-1])
+            arguments += ["--chunk-size", str(args.chunk_size)]
+        peak = in_fresh_process(__file__, arguments)
+        if isinstance(peak, float):
+            memory[which] = peak
         else:  # the naive step at N = 16384 needs more than this machine has
-            failure = (result.stderr.strip().splitlines() or ["no stderr"])[-1]
-            print(f"{which}: failed ({result.returncode}): {failure}")
+            print(f"{which}: {peak}")
     if not args.memory_only:
         from _timing import interleaved_timings
 

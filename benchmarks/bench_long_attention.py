@@ -20,14 +20,16 @@ Run from the repository root:
 import argparse
 import os
 
-from _memory import extra_peak_mib
 from _memory import in_fresh_process
+from _memory import peak_rss_mib
 
 OURS, KERAS, TORCH = (
     "keras_softmax.dot_product_attention",
     "keras.ops.dot_product_attention",
     "torch scaled_dot_product_attention",
 )
+# Ours at any length (notebook 05 plots its memory against Keras').
+BLOCKS = "blocks"
 BACKENDS = ("tensorflow", "jax", "torch")
 HEADS, HEAD_SIZE = 8, 64
 
@@ -41,9 +43,9 @@ def _attention(which):
 
     import keras_softmax
 
-    if which == OURS:
+    if which in (OURS, BLOCKS):
         return lambda q, k, v: keras_softmax.dot_product_attention(
-            q, k, v, is_causal=True
+            q, k, v, is_causal=True, flash_attention=True if which == BLOCKS else None
         )
     if which == KERAS:
         return lambda q, k, v: keras.ops.dot_product_attention(q, k, v, is_causal=True)
@@ -104,14 +106,23 @@ def _step(backend, which, length):
     return step, lambda result: float(result.detach())
 
 
-def peak_memory(backend, which, length):
-    """Extra peak RSS, in MiB, of one step, after a short one has warmed up."""
+def peak_memory(backend, which, lengths):
+    """Extra peak RSS, in MiB, of one step at each of the ascending `lengths`.
+
+    Each over the peak before the first, after a short step has warmed up:
+    a longer step needs more, so the peak after it is its own.
+    """
     # The short step's tensors stay alive: memory they freed could
     # otherwise be reused unseen.
     short, sync = _step(backend, which, 256)
     sync(short())
-    step, sync = _step(backend, which, length)
-    return extra_peak_mib(step, sync)
+    start = peak_rss_mib()
+    peaks = []
+    for length in lengths:
+        step, sync = _step(backend, which, length)
+        sync(step())
+        peaks.append(peak_rss_mib() - start)
+    return peaks
 
 
 def main(argv=None):
@@ -120,12 +131,20 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=4096, help="T (default 4096)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--lengths",
+        help="with --memory-of: ascending lengths, comma-separated (one line each)",
+    )
     parser.add_argument("--memory-only", action="store_true", help="skip the timing")
     args = parser.parse_args(argv)
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.memory_of:
-        print(peak_memory(args.backend, args.memory_of, args.length))
+        lengths = [int(n) for n in (args.lengths or str(args.length)).split(",")]
+        for length, peak in zip(
+            lengths, peak_memory(args.backend, args.memory_of, lengths), strict=True
+        ):
+            print(length, peak)
         return
     contenders = _contenders(args.backend)
     print(

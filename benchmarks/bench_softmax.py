@@ -18,8 +18,6 @@ ratio (see benchmarks/_timing.py). Run from the repository root:
 import argparse
 import os
 import platform
-import resource
-import subprocess
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -28,6 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _memory import extra_peak_mib  # noqa: E402
+from _memory import in_fresh_process  # noqa: E402
 from _timing import TABLE_HEADER  # noqa: E402
 from _timing import interleaved_medians  # noqa: E402
 from _timing import logits_and_mask  # noqa: E402
@@ -244,24 +244,18 @@ def peak_memory(which, shape):
         keras_softmax.stable_log_softmax if which == "ours" else tf.nn.log_softmax
     )
     fn(tf.constant(np.zeros((2, 3), "float32")))  # trace on a small input
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = fn(x)
-    out[0, 0].numpy()  # waits for the result without copying it
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) * 1024 / (np.prod(shape) * 4)
+    # (Reading one element waits for the result without copying it.)
+    peak = extra_peak_mib(lambda: fn(x), lambda out: out[0, 0].numpy())
+    return peak * 2**20 / (np.prod(shape) * 4)
 
 
 def memory_case():
     """Each contender in a fresh process, so neither sees the other's peak."""
     ratios = {}
     for which in ("ours", "native"):
-        result = subprocess.run(
-            [sys.executable, __file__, "--memory-of", which],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        ratios[which] = float(result.stdout.split()[-1])
+        ratios[which] = in_fresh_process(__file__, ["--memory-of", which])
+        if isinstance(ratios[which], str):
+            raise RuntimeError(f"measuring {which}: {ratios[which]}")
     verdict = " ✓" if ratios["ours"] <= 1.1 else " ✗"
     return (
         f"| graph log-softmax, extra peak RSS ÷ input size, {list(MEMORY_SHAPE)} "
