@@ -111,3 +111,34 @@ TABLE_HEADER = (
 def _ms(seconds):
     ms = seconds * 1e3
     return f"{ms:.3f}" if ms < 1 else f"{ms:.1f}"
+
+
+def step_report(contenders, timings: Timings | None, memory: dict) -> list[str]:
+    """A markdown table of each step's time and extra peak memory, then the
+    first contender's ratios to each other one.
+
+    `timings` is None where only memory was measured; a contender's memory
+    is MiB, or why its measurement failed (a string).
+    """
+    ours = contenders[0]
+    lines = ["| step | wall s | CPU s | extra peak MiB |", "|---|---|---|---|"]
+    for which in contenders:
+        wall = "" if timings is None else f"{timings.wall[which]:.2f}"
+        cpu = "" if timings is None else f"{timings.cpu[which]:.2f}"
+        peak = memory[which]
+        peak = "failed" if isinstance(peak, str) else f"{peak:.0f}"
+        lines.append(f"| {which} | {wall} | {cpu} | {peak} |")
+    for which in contenders[1:]:
+        time = (
+            ""
+            if timings is None
+            else f"time {timings.wall[ours] / timings.wall[which]:.2f}, "
+        )
+        measured = all(isinstance(memory[w], float) for w in (ours, which))
+        ratio = (
+            f"memory {memory[ours] / memory[which]:.2f}"
+            if measured
+            else "memory: failed"
+        )
+        lines.append(f"{ours} / {which}: {time}{ratio}")
+    return lines

@@ -24,6 +24,8 @@ import os
 
 from _memory import extra_peak_mib
 from _memory import in_fresh_process
+from _timing import interleaved_timings
+from _timing import step_report
 
 SIZES = {  # backend: (tokens, depth, vocabulary)
     "tensorflow": (4096, 512, 131072),
@@ -167,14 +169,11 @@ def main(argv=None):
         arguments += ["--memory-of", which]
         if args.chunk_size:
             arguments += ["--chunk-size", str(args.chunk_size)]
-        peak = in_fresh_process(__file__, arguments)
-        if isinstance(peak, float):
-            memory[which] = peak
-        else:  # the naive step at N = 16384 needs more than this machine has
-            print(f"{which}: {peak}")
+        memory[which] = in_fresh_process(__file__, arguments)
+        if isinstance(memory[which], str):  # the naive step at N = 16384
+            print(f"{which}: {memory[which]}")
+    timings = None
     if not args.memory_only:
-        from _timing import interleaved_timings
-
         steps = {
             w: _step(args.backend, w, tokens, depth, vocabulary, args.chunk_size)
             for w in contenders
@@ -186,25 +185,8 @@ def main(argv=None):
             rounds=args.rounds,
             warmup=1,
         )
-    print("| step | wall s | CPU s | extra peak MiB |")
-    print("|---|---|---|---|")
-    for which in contenders:
-        wall = "" if args.memory_only else f"{timings.wall[which]:.2f}"
-        cpu = "" if args.memory_only else f"{timings.cpu[which]:.2f}"
-        peak = f"{memory[which]:.0f}" if which in memory else "failed"
-        print(f"| {which} | {wall} | {cpu} | {peak} |")
-    for which in contenders[1:]:
-        time = (
-            ""
-            if args.memory_only
-            else (f"time {timings.wall[FUSED] / timings.wall[which]:.2f}, ")
-        )
-        ratio = (
-            f"memory {memory[FUSED] / memory[which]:.2f}"
-            if FUSED in memory and which in memory
-            else "memory: one failed"
-        )
-        print(f"fused / {which}: {time}{ratio}")
+    for line in step_report(contenders, timings, memory):
+        print(line)
 
 
 if __name__ == "__main__":

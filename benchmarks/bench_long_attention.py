@@ -22,6 +22,8 @@ import os
 
 from _memory import in_fresh_process
 from _memory import peak_rss_mib
+from _timing import interleaved_timings
+from _timing import step_report
 
 OURS, KERAS, TORCH = (
     "keras_softmax.dot_product_attention",
@@ -157,9 +159,8 @@ def main(argv=None):
         memory[which] = in_fresh_process(__file__, arguments + ["--memory-of", which])
         if isinstance(memory[which], str):
             print(f"{which}: {memory[which]}")
+    timings = None
     if not args.memory_only:
-        from _timing import interleaved_timings
-
         steps = {w: _step(args.backend, w, args.length) for w in contenders}
         timings = interleaved_timings(
             {w: step for w, (step, _) in steps.items()},
@@ -167,25 +168,8 @@ def main(argv=None):
             rounds=args.rounds,
             warmup=1,
         )
-    print("| step | wall s | CPU s | extra peak MiB |")
-    print("|---|---|---|---|")
-    for which in contenders:
-        wall = "" if args.memory_only else f"{timings.wall[which]:.2f}"
-        cpu = "" if args.memory_only else f"{timings.cpu[which]:.2f}"
-        peak = memory[which]
-        peak = "failed" if isinstance(peak, str) else f"{peak:.0f}"
-        print(f"| {which} | {wall} | {cpu} | {peak} |")
-    for which in contenders[1:]:
-        time = (
-            ""
-            if args.memory_only
-            else f"time {timings.wall[OURS] / timings.wall[which]:.2f}, "
-        )
-        both = all(isinstance(memory[w], float) for w in (OURS, which))
-        ratio = (
-            f"memory {memory[OURS] / memory[which]:.2f}" if both else "memory: failed"
-        )
-        print(f"ours / {which}: {time}{ratio}")
+    for line in step_report(contenders, timings, memory):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,15 @@ def dot_product_attention(
     an output row of exactly 0, with a gradient of 0, on every backend.
     Gradients stay finite for any finite scores.
 
+    For long sequences, the attention is computed a block of keys at a
+    time (FlashAttention's algorithm), with a derivative that recomputes
+    the blocks: memory grows linearly in the sequence instead of holding
+    the `(B, N, T, S)` scores, and a causal mask skips the blocks above
+    the diagonal. The result differs from the full path's by float32
+    rounding only. Its derivative is reverse mode (and `vmap`); on
+    PyTorch, eager calls go to `scaled_dot_product_attention` where it
+    gives our result.
+
     Args:
         query: Queries of shape `(B, T, N, H)`: batch, query length, heads,
             head size.
@@ -69,11 +78,12 @@ def dot_product_attention(
         scale: Positive number that multiplies the scores. Defaults to
             `1 / sqrt(H)`.
         is_causal: If `True`, query `t` attends to keys `s <= t` only.
-        flash_attention: As in Keras: `None` lets the function choose;
-            `True` asks for the backend's fused flash-attention kernel and
-            raises a `ValueError` where there is none (on a CPU, or for a
-            call the kernel cannot compute: a temperature below 1 or in a
-            tensor, a soft cap); `False` never uses it.
+        flash_attention: As in Keras: `None` lets the function choose (the
+            blocks where the scores would pass 2**24 numbers, see below);
+            `True` takes the backend's fused flash-attention kernel where
+            there is one for the call, else the blocks, and raises a
+            `ValueError` where neither can run (a length unknown when
+            traced); `False` takes neither.
         attn_logits_soft_cap: Optional positive number `c`: the scaled and
             biased scores `s` become `c * tanh(s / c)` before the temperature
             and the masks (Gemma 2's soft cap).

@@ -26,10 +26,12 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
     are Keras', with the same weights in the same order, so `set_weights`
     with a Keras layer's weights gives the same results.
 
-    The fused attention of `keras.ops.dot_product_attention` does the work
-    when no weights are returned, there is no dropout and the temperature
-    is a number of at least 1; otherwise an explicit softmax does, with the
-    same results.
+    The body is `keras_softmax.dot_product_attention`'s: the backend's
+    fused attention when no weights are returned, there is no dropout and
+    the temperature is a number of at least 1, an explicit softmax
+    otherwise, and for long sequences (or `flash_attention=True`) the
+    blocks, whose memory grows linearly in the sequence; all with the same
+    results.
 
     Args:
         num_heads: Number of attention heads.
