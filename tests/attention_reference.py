@@ -83,15 +83,13 @@ def output_tolerance(query, key, value, bias=None, scale=None, temperature=1.0):
 
 
 @contextlib.contextmanager
-def small_blocks(side=2):
-    """Blocks of `side` queries and keys (and blocks chosen from 64 scores)."""
+def small_blocks(side=2, large_scores=None):
+    """Blocks of `side` queries and keys; chosen from `large_scores` scores
+    if given (else at the library's size, which no test reaches)."""
     from keras_softmax import _blockwise_attention
 
-    with mock.patch.multiple(
-        _blockwise_attention,
-        _BLOCK_ELEMENTS=side * side,
-        _MIN_BLOCK=side,
-        _MAX_BLOCK=side,
-        LARGE_SCORES=64,
-    ):
+    sizes = dict(_BLOCK_ELEMENTS=side * side, _MIN_BLOCK=side, _MAX_BLOCK=side)
+    if large_scores is not None:
+        sizes["LARGE_SCORES"] = large_scores
+    with mock.patch.multiple(_blockwise_attention, **sizes):
         yield

@@ -60,6 +60,16 @@ def gradient(fn, x):
         finite = keras.ops.isfinite(out)
         return keras.ops.sum(keras.ops.where(finite, out * weights, 0.0))
 
+    if BACKEND == "tensorflow":
+        # A tape's gradient: its `jacobian` would vectorise the loops of a
+        # custom derivative (attention's blocks), which takes TensorFlow long.
+        import tensorflow as tf
+
+        variable = tf.constant(np.asarray(x, np.float64))
+        with tf.GradientTape() as tape:
+            tape.watch(variable)
+            value = loss(variable)
+        return tape.gradient(value, variable).numpy().reshape(np.shape(x))
     return jacobian(lambda v: keras.ops.reshape(loss(v), (1,)), x).reshape(np.shape(x))
 
 

@@ -147,7 +147,8 @@ def test_keras_averages_padding_where_ours_gives_zero():
     np.testing.assert_allclose(ours[0, :2], theirs[0, :2], rtol=1e-6, atol=1e-6)
 
 
-def test_huge_scores_give_the_reference_and_finite_gradients():
+@pytest.mark.parametrize("path", PATHS)
+def test_huge_scores_give_the_reference_and_finite_gradients(path):
     rng = np.random.default_rng(1)
     q = rng.normal(size=(2, 4, 2, 3)).astype("float32") * np.float32(1e18)
     k = rng.normal(size=(2, 5, 2, 3)).astype("float32") * np.float32(1e18)
@@ -155,9 +156,17 @@ def test_huge_scores_give_the_reference_and_finite_gradients():
     mask = rng.random((2, 1, 4, 5)) < 0.6
     mask[0, 0, 1] = False
     for temperature in (1.0, 3.0, 0.25):
-        actual = to_numpy(
-            dot_product_attention(q, k, v, mask=mask, temperature=temperature)
-        )
+        with small_blocks():
+            actual = to_numpy(
+                dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    mask=mask,
+                    temperature=temperature,
+                    flash_attention=PATHS[path],
+                )
+            )
         expected, _ = reference_attention(q, k, v, mask=mask, temperature=temperature)
         # Scores of about 1e36, apart by far more than their rounding: each
         # live query takes its best key's value, exactly.
@@ -169,7 +178,13 @@ def test_huge_scores_give_the_reference_and_finite_gradients():
             def loss(x, wrt=wrt, inputs=inputs, temperature=temperature):
                 args = list(inputs)
                 args[wrt] = keras.ops.cast(x, "float32")
-                return dot_product_attention(*args, mask=mask, temperature=temperature)
+                with small_blocks():
+                    return dot_product_attention(
+                        *args,
+                        mask=mask,
+                        temperature=temperature,
+                        flash_attention=PATHS[path],
+                    )
 
             grad = gradient(loss, inputs[wrt])
             assert np.all(np.isfinite(grad)), (wrt, temperature)
@@ -417,7 +432,7 @@ def test_blocks_are_chosen_for_large_scores_and_change_results_by_rounding_only(
     from keras_softmax import _blockwise_attention
 
     with (
-        small_blocks(),
+        small_blocks(large_scores=64),
         mock.patch.object(
             _blockwise_attention,
             "blockwise_attention",
