@@ -113,6 +113,17 @@ def _ms(seconds):
     return f"{ms:.3f}" if ms < 1 else f"{ms:.1f}"
 
 
+def step_timings(steps: dict, rounds: int) -> Timings:
+    """Times steps given as `{name: (step, sync)}`, in turn, after one warm-up.
+
+    Every step is waited for with the first one's `sync`, so that all are
+    synchronised alike.
+    """
+    sync = next(iter(steps.values()))[1]
+    calls = {name: step for name, (step, _) in steps.items()}
+    return interleaved_timings(calls, sync=sync, rounds=rounds, warmup=1)
+
+
 def step_report(contenders, timings: Timings | None, memory: dict) -> list[str]:
     """A markdown table of each step's time and extra peak memory, then the
     first contender's ratios to each other one.

@@ -24,8 +24,8 @@ import os
 
 from _memory import extra_peak_mib
 from _memory import in_fresh_process
-from _timing import interleaved_timings
 from _timing import step_report
+from _timing import step_timings
 
 SIZES = {  # backend: (tokens, depth, vocabulary)
     "tensorflow": (4096, 512, 131072),
@@ -178,13 +178,7 @@ def main(argv=None):
             w: _step(args.backend, w, tokens, depth, vocabulary, args.chunk_size)
             for w in contenders
         }
-        sync = steps[FUSED][1]
-        timings = interleaved_timings(
-            {w: step for w, (step, _) in steps.items()},
-            sync=sync,
-            rounds=args.rounds,
-            warmup=1,
-        )
+        timings = step_timings(steps, args.rounds)
     for line in step_report(contenders, timings, memory):
         print(line)
 

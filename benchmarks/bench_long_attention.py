@@ -22,8 +22,8 @@ import os
 
 from _memory import in_fresh_process
 from _memory import peak_rss_mib
-from _timing import interleaved_timings
 from _timing import step_report
+from _timing import step_timings
 
 OURS, KERAS, TORCH = (
     "keras_softmax.dot_product_attention",
@@ -162,12 +162,7 @@ def main(argv=None):
     timings = None
     if not args.memory_only:
         steps = {w: _step(args.backend, w, args.length) for w in contenders}
-        timings = interleaved_timings(
-            {w: step for w, (step, _) in steps.items()},
-            sync=steps[OURS][1],
-            rounds=args.rounds,
-            warmup=1,
-        )
+        timings = step_timings(steps, args.rounds)
     for line in step_report(contenders, timings, memory):
         print(line)
 
