@@ -50,6 +50,22 @@ def fused_attention_serves(dtype: str, key_size, value_size) -> bool:
     return not (backend == "jax" and key_size != value_size)
 
 
+def may_have_flash_kernel(tensor) -> bool:
+    """Whether Keras may have a fused flash-attention kernel for `tensor`.
+
+    Keras 3.15 has none on TensorFlow, nor on a CPU: asking for one there
+    only fails, after the masks it would take are built.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.devices()[0].platform != "cpu"
+    if backend == "torch":
+        return tensor.device.type != "cpu"
+    return False
+
+
 def masked_attention(query, key, value, keep, scale: float, is_causal: bool):
     """The backend's own attention with a bool mask, where it gives 0 for a
     query with no key kept; None elsewhere.
@@ -450,10 +466,11 @@ def custom_vjp(forward, backward, *, forward_for_derivative=None, saves_outputs=
     tensors; `backward(inputs, saved, upstream)` returns one gradient per
     input (None for an integer or bool input). With `saves_outputs`,
     `backward` receives `(outputs, *saved)` as `saved` (a PyTorch function
-    cannot return its output a second time to save it). `forward_for_derivative`, of
-    `forward`'s form, runs instead where a derivative may be taken (JAX's
-    forward rule; a recording tape on TensorFlow; autograd or `torch.func`
-    on PyTorch), so that it can save what `backward` would recompute.
+    cannot return its output a second time to save it).
+    `forward_for_derivative`, of `forward`'s form, runs instead where a
+    derivative may be taken (JAX's forward rule; a recording tape on
+    TensorFlow; autograd or `torch.func` on PyTorch), so that it can save
+    what `backward` would recompute.
 
     For kernels that must not keep what autodiff would (a large
     vocabulary's logits): TensorFlow's `tf.custom_gradient`, JAX's

@@ -18,6 +18,7 @@ before the temperature divides them, so nothing overflows for finite
 scores; a masked score never reaches an `exp`.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -205,12 +206,11 @@ def _block_scores(spec, x: _Inputs, i, j, query_block, key_block) -> _Block:
         kept.append(ops.less(columns, spec.keys))
     if not kept:
         return _Block(scores, None)
-    while len(kept) > 1:
-        kept = [ops.logical_and(kept[0], kept[1])] + kept[2:]
+    kept = functools.reduce(ops.logical_and, kept)
     # A tensor: Keras' PyTorch `where` (3.15) makes a Python float float32.
     dtype = keras.backend.standardize_dtype(scores.dtype)
     lowest = ops.convert_to_tensor(_checks.LOWEST[dtype], dtype)
-    return _Block(ops.where(kept[0], scores, lowest), kept[0])
+    return _Block(ops.where(kept, scores, lowest), kept)
 
 
 def _block_of(spec, x, i, j):

@@ -248,7 +248,7 @@ def attend(
     blocks = weightless and _blockwise_attention.serves(query, key, bias, keep)
     if flash_attention:
         outputs = None
-        if fused:
+        if fused and _backend.may_have_flash_kernel(query):
             outputs = _flash_attention(query, key, value, bias, keep, scale, is_causal)
         if outputs is not None:
             return outputs, None

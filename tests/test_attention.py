@@ -457,7 +457,9 @@ def test_blocks_never_build_the_scores_forward_or_backward():
     mask = np.ones((1, 1, 1, length), bool)
 
     def loss(q):
-        out = dot_product_attention(q, q, q, mask=mask, is_causal=True)
+        out = dot_product_attention(
+            q, q, q, mask=mask, is_causal=True, flash_attention=True
+        )
         return keras.ops.sum(out)
 
     with small_blocks(side=8):
