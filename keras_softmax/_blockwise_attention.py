@@ -26,7 +26,9 @@ import keras
 from keras import ops
 
 from keras_softmax import _backend
-from keras_softmax import _checks
+from keras_softmax import _dtypes
+from keras_softmax import _masks
+from keras_softmax import _numerics
 
 # Scores held at once for one pair of blocks, over the batch and the heads
 # (8 MiB in float32): large enough that a CPU's cost per op is amortised.
@@ -46,7 +48,7 @@ def scores_are_large(query, key) -> bool:
     return (batch or 1) * heads * queries * keys >= LARGE_SCORES
 
 
-def serves(query, key, bias, keep) -> bool:
+def can_run(query, key, bias, keep) -> bool:
     """Whether the blocks can run: every length and size known when traced."""
     shapes = [
         _backend.static_shape(t) for t in (query, key, bias, keep) if t is not None
@@ -80,7 +82,7 @@ def blockwise_attention(
         bias: None, or a rank-4 tensor broadcastable to `(B, N, T, S)`.
         keep: None, or a rank-4 bool tensor broadcastable to `(B, N, T, S)`.
         scale: A Python float.
-        temperature: A Python float or a scalar tensor.
+        temperature: None (1), or a scalar tensor of the inputs' dtype.
         is_causal: Whether query `t` attends to keys `s <= t` only.
         soft_cap: None, or a positive float `c`: scores `s` become
             `c * tanh(s / c)` before the temperature and the masks.
@@ -95,7 +97,7 @@ def blockwise_attention(
         scale=scale,
         is_causal=is_causal,
         soft_cap=soft_cap,
-        tempered=not (isinstance(temperature, float) and temperature == 1.0),
+        tempered=temperature is not None,
         biased=bias is not None,
         masked=keep is not None,
         keys=keys,
@@ -113,7 +115,7 @@ def blockwise_attention(
     if keep is not None:
         inputs.append(_pad_scores_like(keep, spec, queries, False))
     if spec.tempered:
-        inputs.append(ops.cast(temperature, dtype))
+        inputs.append(temperature)
     outputs = _rule(spec)(*inputs)
     return outputs[:, :queries]
 
@@ -193,24 +195,24 @@ def _block_scores(spec, x: _Inputs, i, j, query_block, key_block) -> _Block:
     scores = scores * ops.cast(spec.scale, scores.dtype)
     if x.bias is not None:
         scores = scores + _block_of(spec, x.bias, i, j)
-    if spec.soft_cap is not None:
-        scores = spec.soft_cap * _backend.tanh(scores / spec.soft_cap)
+    scores = _numerics.soft_cap(scores, spec.soft_cap)
     kept = []
     if x.keep is not None:
         kept.append(_block_of(spec, x.keep, i, j))
-    columns = j * spec.block_keys + ops.arange(spec.block_keys)[None, :]
+    key_start = j * spec.block_keys
     if spec.is_causal:
-        rows = i * spec.block_queries + ops.arange(spec.block_queries)[:, None]
-        kept.append(ops.greater_equal(rows, columns))
+        kept.append(
+            _masks.causal_mask(
+                spec.block_queries, spec.block_keys, i * spec.block_queries, key_start
+            )
+        )
     if x.key.shape[1] != spec.keys:  # padded keys
-        kept.append(ops.less(columns, spec.keys))
+        kept.append(ops.less(key_start + ops.arange(spec.block_keys), spec.keys))
     if not kept:
         return _Block(scores, None)
     kept = functools.reduce(ops.logical_and, kept)
     # A tensor: Keras' PyTorch `where` (3.15) makes a Python float float32.
-    dtype = keras.backend.standardize_dtype(scores.dtype)
-    lowest = ops.convert_to_tensor(_checks.LOWEST[dtype], dtype)
-    return _Block(ops.where(kept, scores, lowest), kept)
+    return _Block(ops.where(kept, scores, _dtypes.lowest(scores.dtype)), kept)
 
 
 def _block_of(spec, x, i, j):
@@ -223,7 +225,7 @@ def _block_of(spec, x, i, j):
     return ops.slice(x, _indices(starts), sizes)
 
 
-def _tempered(spec, x, temperature):
+def _over_temperature(spec, x, temperature):
     return x / temperature if spec.tempered else x
 
 
@@ -263,7 +265,7 @@ def _forward(spec, x: _Inputs):
     value_blocks = _blocks(x.value, spec.block_keys)
     count = key_blocks.shape[0]
     dtype = x.query.dtype
-    lowest = _checks.LOWEST[keras.backend.standardize_dtype(dtype)]
+    lowest = _dtypes.LOWEST[keras.backend.standardize_dtype(dtype)]
 
     def query_block(carry, xs):
         i, query_i = _backend.loop_index(xs[0]), xs[1]
@@ -282,10 +284,12 @@ def _forward(spec, x: _Inputs):
             new_shift = _backend.maximum(
                 shift, ops.max(block.scores, -1, keepdims=True)
             )
-            exps = ops.exp(_tempered(spec, block.scores - new_shift, x.temperature))
+            exps = ops.exp(
+                _over_temperature(spec, block.scores - new_shift, x.temperature)
+            )
             if block.kept is not None:
                 exps = ops.where(block.kept, exps, 0.0)
-            rescale = ops.exp(_tempered(spec, shift - new_shift, x.temperature))
+            rescale = ops.exp(_over_temperature(spec, shift - new_shift, x.temperature))
             total = total * rescale + ops.sum(exps, -1, keepdims=True)
             weighted = weighted * rescale + ops.einsum(
                 "BNTS,BSNH->BNTH", exps, value_blocks[j]
@@ -296,9 +300,7 @@ def _forward(spec, x: _Inputs):
         shift, total, weighted = _backend.fori_loop(0, blocks, key_block, initial)
         # A query with nothing kept has a total of 0, and outputs 0.
         # (A kept maximum contributes exp(0) = 1: a positive total is >= 1.)
-        inverse_total = ops.where(
-            total > 0, 1.0 / ops.where(total > 0, total, 1.0), 0.0
-        )
+        inverse_total = 1.0 / ops.where(total > 0, total, math.inf)
         outputs = ops.transpose(weighted * inverse_total, (0, 2, 1, 3))
         return carry, (outputs, shift, inverse_total)
 
@@ -339,7 +341,8 @@ def _backward(spec, x: _Inputs, saved, upstream):
             shift_i, inverse_i = shift[i], inverse_total[i]
             block = _block_scores(spec, x, i, j, query_i, key_j)
             shifted = block.scores - shift_i
-            weights = ops.exp(_tempered(spec, shifted, x.temperature)) * inverse_i
+            weights = ops.exp(_over_temperature(spec, shifted, x.temperature))
+            weights = weights * inverse_i
             if block.kept is not None:
                 weights = ops.where(block.kept, weights, 0.0)
             d_value = d_value + ops.einsum("BNTS,BTNH->BSNH", weights, upstream_i)
@@ -347,16 +350,17 @@ def _backward(spec, x: _Inputs, saved, upstream):
             d_scores = weights * (d_weights - delta_blocks[i])
             if spec.tempered:
                 # z = (s - m) / t: dz/dt = -(s - m) / t^2, and s - m is finite
-                # wherever the weight is positive.
+                # wherever the weight is positive. Divided twice: t^2
+                # underflows for a temperature below 1e-19 in float32.
                 moment = ops.where(weights > 0, d_scores * shifted, 0.0)
-                d_temperature = d_temperature - ops.sum(moment) / ops.square(
-                    x.temperature
+                d_temperature = (
+                    d_temperature - ops.sum(moment) / x.temperature / x.temperature
                 )
                 d_scores = d_scores / x.temperature
             if spec.soft_cap is not None:
-                # (Clipped: a masked score holds the lowest finite number.)
-                capped = ops.clip(block.scores / spec.soft_cap, -1.0, 1.0)
-                d_scores = d_scores * (1.0 - ops.square(capped))
+                d_scores = d_scores * _numerics.soft_cap_derivative(
+                    block.scores, spec.soft_cap
+                )
             if spec.biased:
                 d_bias = _add_block(spec, d_bias, d_scores, i, j)
             d_scores = d_scores * ops.cast(spec.scale, dtype)
@@ -401,9 +405,7 @@ def _backward(spec, x: _Inputs, saved, upstream):
 
 def _add_block(spec, total, d_scores, i, j):
     """`total`'s block `(i, j)` plus `d_scores`, summed over its broadcast axes."""
-    broadcast = tuple(a for a in range(4) if total.shape[a] == 1)
-    if broadcast:
-        d_scores = ops.sum(d_scores, axis=broadcast, keepdims=True)
+    d_scores = _numerics.sum_to_shape(d_scores, total.shape)
     starts = [0, 0, 0, 0]
     if total.shape[2] != 1:
         starts[2] = i * spec.block_queries

@@ -1,5 +1,11 @@
 """The private APIs of Keras, TensorFlow and PyTorch that keras_softmax uses.
 
+Every one: Keras' activation table, `Layer.__call__`'s frame, the members
+of `MultiHeadAttention` we override or read, the mask and logits attributes
+of tensors (`_keras_mask`, `_keras_logits`, `_keras_history`), TensorFlow's
+tape and XLA context, PyTorch's forward-mode level and `torch.func` wrapper
+test.
+
 Gathered here, each with the version it was checked against, so that a
 release that moves one breaks one module; `tests/test_keras_integration.py`
 checks that each is still where it was.
@@ -18,7 +24,6 @@ from keras.src.backend import set_keras_mask  # noqa: F401 (3.15)
 MULTI_HEAD_ATTENTION_MEMBERS = (
     "_attention_axes",
     "_compute_attention",
-    "_compute_causal_mask",
     "_dropout",
     "_dropout_layer",
     "_flash_attention",
@@ -63,6 +68,29 @@ def outer_call_is_masked(layer) -> bool:
             )
         frame = frame.f_back
     return False
+
+
+def attach_loss_logits(outputs, logits) -> None:
+    """Hands Keras' cross-entropy losses the logits of `outputs` (Keras 3.15).
+
+    Keras' TensorFlow backend reads `_keras_logits` of the probabilities
+    (`_get_logits` in keras/src/backend/tensorflow/nn.py) and takes the
+    exact log-softmax path with them, as Keras' own softmax sets it.
+    """
+    outputs._keras_logits = logits
+
+
+def operation_of(tensor):
+    """The operation (a layer, for one) that made a symbolic tensor (Keras
+    3.15: `KerasTensor._keras_history.operation`)."""
+    return tensor._keras_history.operation
+
+
+def is_functorch_wrapped(tensor) -> bool:
+    """Whether `tensor` is wrapped by a `torch.func` transform (PyTorch 2.13)."""
+    import torch
+
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
 def tape_could_record() -> bool:

@@ -22,15 +22,18 @@ folded into `scale`; those calls take the explicit path, through
 """
 
 import math
-import numbers
 from typing import NamedTuple
 
 import keras
 from keras import ops
 
+from keras_softmax import _arguments
 from keras_softmax import _backend
 from keras_softmax import _blockwise_attention
-from keras_softmax import _checks
+from keras_softmax import _dtypes
+from keras_softmax import _masks
+from keras_softmax import _numerics
+from keras_softmax import _temperature
 from keras_softmax.softmax import stable_softmax
 
 
@@ -113,35 +116,30 @@ def dot_product_attention(
                 f"`{name}` must have rank 4, (batch, length, heads, size). "
                 f"Received: {name}.shape={tuple(tensor.shape)}"
             )
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    options = _Options(
-        scale=_check_scale(scale),
-        is_causal=_check_flag("is_causal", is_causal),
-        temperature=_checks.check_scalar_temperature(temperature),
-        flash_attention=_check_flag("flash_attention", flash_attention, True),
-        soft_cap=_checks.check_real(
-            "attn_logits_soft_cap",
-            attn_logits_soft_cap,
-            minimum=0,
-            open_minimum=True,
-            allow_none=True,
-        ),
-    )
     mask, bias = (None if t is None else _tensor(t) for t in (mask, bias))
     scores = _scores_shape(query, key)
-    for name, tensor in (("mask", mask), ("bias", bias)):
-        if tensor is not None and not _checks.broadcasts(tensor.shape, scores):
-            raise ValueError(
-                f"`{name}` must be broadcastable to the scores' shape (batch, "
-                f"heads, queries, keys) = {scores}. "
-                f"Received: {name}.shape={tuple(tensor.shape)}"
-            )
+    if bias is not None and not _arguments.broadcasts(bias.shape, scores):
+        raise ValueError(
+            f"`bias` must be broadcastable to {_SCORES} = {scores}. "
+            f"Received: bias.shape={tuple(bias.shape)}"
+        )
     tensors = (query, key, value, bias, mask)
-    if any(isinstance(t, keras.KerasTensor) for t in tensors):
+    symbolic = any(isinstance(t, keras.KerasTensor) for t in tensors)
+    options = dict(
+        scale=scale,
+        is_causal=is_causal,
+        flash_attention=flash_attention,
+        attn_logits_soft_cap=attn_logits_soft_cap,
+        temperature=temperature,
+    )
+    if symbolic:
         # In a functional model: shapes may be unknown until called.
-        return _DotProductAttentionNode(options)(*tensors)
-    return _attend_checked(*tensors, options)
+        return DotProductAttentionOperation(**options)(*tensors)
+    return _attend_checked(*tensors, _options(query, **options))
+
+
+# What a mask or bias must broadcast to, in errors.
+_SCORES = "the scores' shape (batch, heads, queries, keys)"
 
 
 class _Options(NamedTuple):
@@ -149,14 +147,41 @@ class _Options(NamedTuple):
 
     scale: float
     is_causal: bool
-    temperature: object  # a Python float, or a scalar tensor
+    temperature: _temperature.Temperature
     flash_attention: bool | None
     soft_cap: float | None
 
 
+def _options(
+    query, scale, is_causal, flash_attention, attn_logits_soft_cap, temperature
+) -> _Options:
+    """The arguments checked, each error naming its argument."""
+    if scale is None:
+        # Any scale gives scores of 0 over heads of size 0.
+        size = query.shape[-1]
+        scale = 1.0 / math.sqrt(size) if size else 1.0
+    return _Options(
+        scale=_arguments.check_positive("scale", scale),
+        is_causal=_arguments.check_flag("is_causal", is_causal),
+        temperature=_temperature.normalize_temperature(
+            temperature, _dtypes.compute_dtype(query.dtype)
+        ),
+        flash_attention=_arguments.check_flag(
+            "flash_attention", flash_attention, allow_none=True
+        ),
+        soft_cap=_arguments.check_real(
+            "attn_logits_soft_cap",
+            attn_logits_soft_cap,
+            minimum=0,
+            open_minimum=True,
+            allow_none=True,
+        ),
+    )
+
+
 def _attend_checked(query, key, value, bias, mask, options: _Options):
     """`dot_product_attention` after its checks: the mask, then `attend`."""
-    keep = _checks.to_keep_mask(mask, _scores_shape(query, key))
+    keep = _masks.to_keep_mask(mask, _scores_shape(query, key), target=_SCORES)
     keep, bias = (None if t is None else _rank4(t) for t in (keep, bias))
     outputs, _ = attend(
         query,
@@ -173,19 +198,54 @@ def _attend_checked(query, key, value, bias, mask, options: _Options):
     return outputs
 
 
-class _DotProductAttentionNode(keras.Operation):
-    """`dot_product_attention` as a node of a functional model."""
+@keras.saving.register_keras_serializable(package="keras_softmax")
+class DotProductAttentionOperation(keras.Operation):
+    """`dot_product_attention` as a node of a functional model.
 
-    def __init__(self, options: _Options):
-        super().__init__()
-        self.options = options
+    Args:
+        scale, is_causal, flash_attention, attn_logits_soft_cap,
+        temperature: As for `dot_product_attention`; the temperature a
+            Python number, so that the model saves.
+    """
+
+    def __init__(
+        self,
+        scale=None,
+        is_causal=False,
+        flash_attention=None,
+        attn_logits_soft_cap=None,
+        temperature=1.0,
+        *,
+        name=None,
+    ):
+        super().__init__(name=name)
+        if not _arguments.is_number(temperature):
+            raise ValueError(
+                "In a functional model, `temperature` must be a positive finite "
+                f"number. Received: temperature={temperature!r}"
+            )
+        self.config = dict(
+            scale=None if scale is None else _arguments.check_positive("scale", scale),
+            is_causal=_arguments.check_flag("is_causal", is_causal),
+            flash_attention=_arguments.check_flag(
+                "flash_attention", flash_attention, allow_none=True
+            ),
+            attn_logits_soft_cap=attn_logits_soft_cap,
+            temperature=_temperature.check_temperature_value(temperature),
+        )
 
     def call(self, query, key, value, bias=None, mask=None):
-        return _attend_checked(query, key, value, bias, mask, self.options)
+        options = _options(query, **self.config)
+        return _attend_checked(query, key, value, bias, mask, options)
 
     def compute_output_spec(self, query, key, value, bias=None, mask=None):
+        if mask is not None:
+            _masks.check_mask_shape(mask.shape, _scores_shape(query, key), _SCORES)
         shape = tuple(query.shape[:-1]) + (value.shape[-1],)
         return keras.KerasTensor(shape, dtype=query.dtype)
+
+    def get_config(self):
+        return {**self.config, "name": self.name}
 
 
 def attend(
@@ -195,7 +255,7 @@ def attend(
     bias,
     keep,
     scale,
-    temperature,
+    temperature: _temperature.Temperature,
     return_weights=False,
     dropout=None,
     flash_attention=None,
@@ -211,16 +271,12 @@ def attend(
     Args:
         keep: Bool mask broadcastable to `(B, N, T, S)`, or None.
         scale: A Python float.
-        temperature: A checked Python float or scalar tensor.
+        temperature: A normalised `Temperature`.
         return_weights: Whether the weights are needed (the explicit path).
         dropout: Optional function applied to the weights before they
             combine the values.
-        flash_attention: `None` chooses: blocks when the full scores would
-            be large (`_blockwise_attention.LARGE_SCORES`), else the
-            backend's fused attention where it is exact, else the explicit
-            path. `True` asks for Keras' fused flash kernel, or else the
-            blocks; a `ValueError` where neither can run. `False` takes
-            neither.
+        flash_attention: `None` chooses, `True` asks for a fused or
+            blockwise kernel, `False` takes neither (see `_path`).
         soft_cap: Optional positive float `c`: scores `s` become
             `c * tanh(s / c)`, before the temperature and the masks.
         is_causal: Whether query `t` attends to keys `s <= t` only.
@@ -228,111 +284,108 @@ def attend(
     # Keras' TensorFlow backend repeats grouped heads only when there are
     # several (as of Keras 3.15), so a single key head is repeated here.
     key, value = _repeat_heads(key, query), _repeat_heads(value, query)
+    batch, queries, heads, _ = _backend.static_shape(query)
+    if 0 in (batch, queries, heads, key.shape[1]):
+        # Nothing to attend to (or no query): zeros, as every path gives.
+        shape = ops.shape(query)[:-1] + (value.shape[-1],)
+        return ops.zeros(shape, value.dtype), None
     # A soft cap comes before the temperature, so that it cannot be folded.
-    foldable = (
-        soft_cap is None and isinstance(temperature, float) and temperature >= 1.0
-    )
-    if foldable and temperature != 1.0:
+    foldable = soft_cap is None and temperature.foldable
+    if foldable and not temperature.is_one:
         # Dividing by a temperature of at least 1 cannot overflow, and
         # folding it into the scale rounds the scores once, as Keras does.
-        scale = scale / temperature
-        bias = None if bias is None else bias / temperature
-        temperature = 1.0
-    dtype = _logits_dtype(query)
+        scale = scale / temperature.value
+        bias = None if bias is None else bias / temperature.value
+        temperature = _temperature.Temperature(1.0)
     weightless = not return_weights and dropout is None
-    fused = (
-        foldable
-        and weightless
-        and _backend.fused_attention_serves(dtype, key.shape[-1], value.shape[-1])
-    )
-    blocks = weightless and _blockwise_attention.serves(query, key, bias, keep)
-    if flash_attention:
-        outputs = None
-        if fused and _backend.may_have_flash_kernel(query):
-            outputs = _flash_attention(query, key, value, bias, keep, scale, is_causal)
-        if outputs is not None:
-            return outputs, None
-        if not blocks:
-            raise ValueError(
-                "`flash_attention=True` asks for a fused or blockwise kernel, "
-                "and neither can run here: the backend has no fused flash "
-                "kernel for this call, and the blocks need no dropout, no "
-                "returned weights and lengths known when traced. "
-                "Received: flash_attention=True"
-            )
-    if foldable and weightless and bias is None and flash_attention is not False:
-        # The backend's own kernel, where it has our semantics.
-        outputs = _backend.masked_attention(query, key, value, keep, scale, is_causal)
-        if outputs is not None:
-            return outputs, None
-    large = _blockwise_attention.scores_are_large(query, key)
-    if blocks and (flash_attention or (flash_attention is None and large)):
-        dtype = _logits_dtype(query)
-        outputs = _blockwise_attention.blockwise_attention(
-            *(ops.cast(t, dtype) for t in (query, key, value)),
-            bias,
-            keep,
-            scale,
-            temperature,
-            is_causal,
-            soft_cap,
+    choice = _Choice(foldable, weightless, flash_attention)
+    path = _path(query, key, value, bias, keep, choice)
+    if path == "keras_flash":
+        outputs = _keras_flash_attention(
+            query, key, value, bias, keep, scale, is_causal
         )
-        return ops.cast(outputs, value.dtype), None
-    if is_causal:
-        causal = _causal_mask(ops.shape(query)[1], ops.shape(key)[1])
-        keep = causal if keep is None else ops.logical_and(keep, causal)
-    live = None if keep is None else ops.any(keep, axis=-1, keepdims=True)
-    if foldable:
-        additive = bias
-        if keep is not None:
-            additive = _additive_mask(keep, live, bias, query.dtype if fused else dtype)
-        if fused:
-            outputs = ops.dot_product_attention(
-                query,
-                key,
-                value,
-                bias=additive,
-                scale=scale,
-                flash_attention=flash_attention,  # False or None by now
-            )
-            if live is not None:
-                outputs = outputs * _per_query(live, outputs.dtype)
+        if outputs is not None:
             return outputs, None
-        logits = _scores(query, key, scale, additive, dtype)
-        weights = ops.softmax(logits, axis=-1)
-        if live is not None:
-            weights = weights * ops.cast(live, dtype)
-    else:
-        logits = _scores(query, key, scale, bias, dtype)
-        if soft_cap is not None:
-            logits = soft_cap * _backend.tanh(logits / soft_cap)
-        weights = stable_softmax(logits, axis=-1, mask=keep, temperature=temperature)
-    weights = ops.cast(weights, value.dtype)
-    combined = weights if dropout is None else dropout(weights)
-    outputs = ops.einsum("BNTS,BSNH->BTNH", combined, value)
-    return outputs, weights
+        path = _path(query, key, value, bias, keep, choice, keras_flash=False)
+    if path == "blocks":
+        return _blocks(
+            query, key, value, bias, keep, scale, temperature, is_causal, soft_cap
+        ), None
+    # The other paths take the causal mask as a mask, but where they have
+    # a native causal flag and no other mask: folded here, once.
+    native_causal = keep is None and path == "sdpa"
+    if is_causal and not native_causal:
+        keep = _masks.with_causal(keep, ops.shape(query)[1], ops.shape(key)[1])
+        is_causal = False
+    if path == "sdpa":
+        return _sdpa_attention(query, key, value, keep, scale, is_causal), None
+    if path == "keras_fused":
+        return _keras_fused_attention(query, key, value, bias, keep, scale), None
+    return _explicit_attention(
+        query, key, value, bias, keep, scale, temperature, soft_cap, dropout, foldable
+    )
 
 
-def _additive_mask(keep, live, bias, dtype):
-    """The bias, with the lowest finite number where a key is masked.
+class _Choice(NamedTuple):
+    """What the choice of path asks of the call, beside its tensors."""
 
-    Rows with nothing kept are opened, so that their scores stay finite;
-    their outputs are multiplied by 0 afterwards. In the fused kernel's
-    dtype, the inputs': a half-precision fill must be finite there too.
+    foldable: bool  # no soft cap, and a temperature folded into the scale
+    weightless: bool  # no weights returned, no dropout
+    flash_attention: bool | None
+
+
+def _path(query, key, value, bias, keep, choice: _Choice, keras_flash=True) -> str:
+    """The one decision of how attention is computed; each name a function.
+
+    - `"keras_flash"`: Keras' fused flash kernel, asked for with
+      `flash_attention=True` where the backend may have one (a GPU).
+    - `"sdpa"`: PyTorch's `scaled_dot_product_attention` on a CPU, eager
+      calls without bias: it gives a query with no key kept 0.
+    - `"blocks"`: `_blockwise_attention`, for long sequences (the full
+      scores would pass `LARGE_SCORES`) or `flash_attention=True`.
+    - `"keras_fused"`: `keras.ops.dot_product_attention`, with our fill and
+      dead queries zeroed, where it gives our result.
+    - `"explicit"`: the scores, `stable_softmax`, the weighted sum: for
+      returned weights, dropout, a soft cap or a temperature below 1.
     """
-    dtype = keras.backend.standardize_dtype(dtype)
-    opened = ops.logical_or(keep, ops.logical_not(live))
-    fill = ops.convert_to_tensor(_checks.LOWEST[dtype], dtype)
-    kept = ops.zeros((), dtype) if bias is None else ops.cast(bias, dtype)
-    return ops.where(opened, kept, fill)
+    dtype = _dtypes.compute_dtype(query.dtype)
+    exact = (
+        choice.foldable
+        and choice.weightless
+        and _backend.keras_attention_is_exact(dtype, key.shape[-1], value.shape[-1])
+    )
+    flash = choice.flash_attention
+    if keras_flash and flash and exact and _backend.may_have_flash_kernel(query):
+        return "keras_flash"
+    blocks = choice.weightless and _blockwise_attention.can_run(query, key, bias, keep)
+    if flash and not blocks:
+        raise ValueError(
+            "`flash_attention=True` asks for a fused or blockwise kernel, "
+            "and neither can run here: the backend has no fused flash "
+            "kernel for this call, and the blocks need no dropout, no "
+            "returned weights and lengths known when traced. "
+            "Received: flash_attention=True"
+        )
+    tensors = (query, key, value) + (() if keep is None else (keep,))
+    if (
+        choice.foldable
+        and choice.weightless
+        and bias is None
+        and flash is not False
+        and _backend.sdpa_serves(tensors)
+    ):
+        return "sdpa"
+    large = _blockwise_attention.scores_are_large(query, key)
+    if blocks and (flash or (flash is None and large)):
+        return "blocks"
+    return "keras_fused" if exact else "explicit"
 
 
-def _flash_attention(query, key, value, bias, keep, scale, is_causal):
+def _keras_flash_attention(query, key, value, bias, keep, scale, is_causal):
     """Keras' fused flash kernel, or None where the backend has none here."""
     if keep is not None:
         if is_causal:
-            causal = _causal_mask(ops.shape(query)[1], ops.shape(key)[1])
-            keep = ops.logical_and(keep, causal)
+            keep = _masks.with_causal(keep, ops.shape(query)[1], ops.shape(key)[1])
         live = ops.any(keep, axis=-1, keepdims=True)
         bias = _additive_mask(keep, live, bias, query.dtype)
     try:
@@ -350,6 +403,95 @@ def _flash_attention(query, key, value, bias, keep, scale, is_causal):
     return outputs if keep is None else outputs * _per_query(live, outputs.dtype)
 
 
+def _sdpa_attention(query, key, value, keep, scale, is_causal):
+    """PyTorch's `scaled_dot_product_attention` with a bool mask.
+
+    On a CPU (PyTorch 2.13) it gives a query with no key kept 0, and its
+    flash kernel's memory grows linearly in the sequence. The edge says
+    where it may run (`sdpa_serves`).
+    """
+    import torch
+
+    outputs = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (query, key, value)),
+        attn_mask=keep,
+        is_causal=is_causal,
+        scale=scale,
+    )
+    return outputs.transpose(1, 2)
+
+
+def _blocks(query, key, value, bias, keep, scale, temperature, is_causal, soft_cap):
+    """The blocks, in the compute dtype, returned in the values' dtype."""
+    dtype = _dtypes.compute_dtype(query.dtype)
+    outputs = _blockwise_attention.blockwise_attention(
+        *(ops.cast(t, dtype) for t in (query, key, value)),
+        bias,
+        keep,
+        scale,
+        temperature.tensor(dtype),
+        is_causal,
+        soft_cap,
+    )
+    return ops.cast(outputs, value.dtype)
+
+
+def _keras_fused_attention(query, key, value, bias, keep, scale):
+    """`keras.ops.dot_product_attention`, with our fill and dead queries at 0."""
+    live = None if keep is None else ops.any(keep, axis=-1, keepdims=True)
+    if keep is not None:
+        bias = _additive_mask(keep, live, bias, query.dtype)
+    outputs = ops.dot_product_attention(
+        query, key, value, bias=bias, scale=scale, flash_attention=False
+    )
+    if live is not None:
+        outputs = outputs * _per_query(live, outputs.dtype)
+    return outputs
+
+
+def _explicit_attention(
+    query, key, value, bias, keep, scale, temperature, soft_cap, dropout, foldable
+):
+    """The scores, their softmax, and the weighted sum: `(outputs, weights)`.
+
+    With the temperature folded, Keras' own formula (its additive mask and
+    softmax, our fill and dead queries zeroed), so that returning the
+    weights never changes the outputs; else `stable_softmax`, which shifts
+    before it divides.
+    """
+    dtype = _dtypes.compute_dtype(query.dtype)
+    if foldable:
+        additive, live = bias, None
+        if keep is not None:
+            live = ops.any(keep, axis=-1, keepdims=True)
+            additive = _additive_mask(keep, live, bias, dtype)
+        weights = ops.softmax(_scores(query, key, scale, additive, dtype), axis=-1)
+        if live is not None:
+            weights = weights * ops.cast(live, dtype)
+    else:
+        logits = _numerics.soft_cap(_scores(query, key, scale, bias, dtype), soft_cap)
+        weights = stable_softmax(
+            logits, axis=-1, mask=keep, temperature=temperature.value
+        )
+    weights = ops.cast(weights, value.dtype)
+    combined = weights if dropout is None else dropout(weights)
+    outputs = ops.einsum("BNTS,BSNH->BTNH", combined, value)
+    return outputs, weights
+
+
+def _additive_mask(keep, live, bias, dtype):
+    """The bias, with the lowest finite number where a key is masked.
+
+    Rows with nothing kept are opened, so that their scores stay finite;
+    their outputs are multiplied by 0 afterwards. In the fused kernel's
+    dtype, the inputs': a half-precision fill must be finite there too.
+    """
+    dtype = keras.backend.standardize_dtype(dtype)
+    opened = ops.logical_or(keep, ops.logical_not(live))
+    kept = ops.zeros((), dtype) if bias is None else ops.cast(bias, dtype)
+    return ops.where(opened, kept, _dtypes.lowest(dtype))
+
+
 def _promoted(tensors):
     """The tensors in the one dtype they promote to, as Keras' attention does."""
     tensors = tuple(tensors)
@@ -361,22 +503,6 @@ def _promoted(tensors):
     return tuple(
         t if keras.backend.standardize_dtype(t.dtype) == dtype else ops.cast(t, dtype)
         for t in tensors
-    )
-
-
-def _check_flag(name, value, allow_none=False):
-    if isinstance(value, bool) or (allow_none and value is None):
-        return value
-    choices = "True, False or None" if allow_none else "True or False"
-    raise ValueError(f"`{name}` must be {choices}. Received: {name}={value!r}")
-
-
-def _check_scale(scale):
-    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        if math.isfinite(float(scale)) and float(scale) > 0:
-            return float(scale)
-    raise ValueError(
-        f"`scale` must be a positive finite number. Received: scale={scale!r}"
     )
 
 
@@ -393,19 +519,6 @@ def _scores_shape(query, key):
     """The static shape of the scores, `(B, N, T, S)`; unknown sizes None."""
     (batch, queries, heads, _), keys = _backend.static_shape(query), key.shape[1]
     return (batch, heads, queries, keys)
-
-
-def _causal_mask(query_length, key_length):
-    """`(1, 1, T, S)`, True where key position <= query position."""
-    rows = ops.arange(query_length)[:, None]
-    cols = ops.arange(key_length)[None, :]
-    return ops.greater_equal(rows, cols)[None, None]
-
-
-def _logits_dtype(query):
-    dtype = keras.backend.standardize_dtype(query.dtype)
-    # As in Keras: half-precision scores are summed and softmaxed in float32.
-    return "float32" if dtype in _checks.HALF_DTYPES else dtype
 
 
 def _scores(query, key, scale, bias, dtype):

@@ -11,8 +11,8 @@ built.
 import keras
 from keras import ops
 
-from keras_softmax import _checks
 from keras_softmax import _keras_internals
+from keras_softmax import _temperature
 from keras_softmax.linear_cross_entropy import linear_cross_entropy
 from keras_softmax.softmax import stable_softmax
 
@@ -73,7 +73,7 @@ class StableSoftmaxHead(keras.layers.Dense):
                 f"no `activation`. Received: activation={activation!r}"
             )
         super().__init__(units, **kwargs)
-        self.temperature = _checks.check_temperature_value(temperature)
+        self.temperature = _temperature.check_temperature_value(temperature)
 
     def call(self, inputs, training=None):
         if training:
@@ -94,9 +94,10 @@ class StableSoftmaxHead(keras.layers.Dense):
 
         Given the hidden states that the head returns in training, it
         equals `SparseCategoricalCrossentropy(from_logits=True,
-        ignore_class=ignore_class)` on the head's logits divided by its
-        temperature, sample weights and Keras masks included, without
-        building the logits. Given probabilities (in `evaluate`), it is
+        ignore_class=ignore_class, reduction=reduction)` on the head's
+        logits divided by its temperature, sample weights, Keras masks and
+        `tf.distribute` replicas included, without building the logits.
+        Given probabilities (in `evaluate`), it is
         `SparseCategoricalCrossentropy()` of them.
 
         Args:
@@ -104,7 +105,8 @@ class StableSoftmaxHead(keras.layers.Dense):
             z_loss: As in `linear_cross_entropy`.
             ignore_class: As in `linear_cross_entropy`.
             chunk_size: As in `linear_cross_entropy`.
-            reduction: Keras' reduction names.
+            reduction: Any reduction `keras.losses.Loss` takes, as it
+                reduces: `"mean_with_sample_weight"` too.
             name: The loss's name.
 
         Returns:
@@ -146,9 +148,18 @@ class _HeadCrossEntropy(keras.losses.Loss):
             and mask is None
             and not self._on_probabilities(y_pred)
         ):
-            # One fused pass, its gradients computed with the loss.
-            return self._cross_entropy(y_true, y_pred, self.reduction)
+            return self._fused(y_true, y_pred)
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+
+    def _fused(self, y_true, y_pred):
+        """Keras' reduction of the unweighted, unmasked losses, in one pass
+        whose gradients are computed with the loss."""
+        if self.reduction in (None, "none", "sum"):
+            return self._cross_entropy(y_true, y_pred, self.reduction)
+        # Unweighted, Keras' every mean divides by the positions that
+        # `ignore_class` leaves, "mean_with_sample_weight" too.
+        loss = self._cross_entropy(y_true, y_pred, "sum_over_batch_size")
+        return _scaled_for_replicas(loss)
 
     def call(self, y_true, y_pred):
         ignore_class = self.options["ignore_class"]
@@ -191,6 +202,22 @@ class _HeadCrossEntropy(keras.losses.Loss):
             "A `StableSoftmaxHead`'s loss holds the head: load the model with "
             "`compile=False`, then compile it again with `loss=head.loss()`."
         )
+
+
+def _scaled_for_replicas(loss):
+    """A mean loss over `tf.distribute`'s replicas, whose gradients add up.
+
+    Keras scales its mean reductions so (`scale_loss_for_distribution` in
+    keras/src/losses/loss.py, 3.15).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return loss
+    import tensorflow as tf
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas == 1:
+        return loss
+    return ops.multiply(loss, ops.cast(1.0 / replicas, loss.dtype))
 
 
 def _labels(y_true, y_pred):

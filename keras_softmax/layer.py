@@ -6,9 +6,11 @@ import warnings
 import keras
 from keras import ops
 
+from keras_softmax import _arguments
 from keras_softmax import _backend
-from keras_softmax import _checks
 from keras_softmax import _keras_internals
+from keras_softmax import _masks
+from keras_softmax import _temperature
 from keras_softmax.softmax import stable_softmax
 
 
@@ -71,9 +73,9 @@ class StableSoftmax(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.axis = _checks.check_axis_spec(axis)
-        self.trainable_temperature = _checks.check_trainable_temperature(
-            trainable_temperature
+        self.axis = _arguments.check_axis_spec(axis)
+        self.trainable_temperature = _arguments.check_flag(
+            "trainable_temperature", trainable_temperature
         )
         # The temperature lives in a variable whatever the input, so the
         # layer is built here, as Keras' own Softmax is.
@@ -86,7 +88,7 @@ class StableSoftmax(keras.layers.Layer):
                 )
             self._temperature_variable = temperature
         else:
-            value = _checks.check_temperature_value(temperature)
+            value = _temperature.check_temperature_value(temperature)
             if trainable_temperature:
                 self.log_temperature = self.add_weight(
                     shape=(),
@@ -113,7 +115,7 @@ class StableSoftmax(keras.layers.Layer):
 
     @temperature.setter
     def temperature(self, value):
-        value = _checks.check_temperature_value(value)
+        value = _temperature.check_temperature_value(value)
         if self.trainable_temperature:
             self.log_temperature.assign(math.log(value))
         else:
@@ -143,7 +145,7 @@ class StableSoftmax(keras.layers.Layer):
         return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, mask=None):
-        mask = _checks.to_keep_mask(mask, _backend.static_shape(inputs), "leading")
+        mask = _masks.to_keep_mask(mask, _backend.static_shape(inputs), "leading")
         return stable_softmax(
             inputs,
             axis=self.axis,
@@ -164,9 +166,11 @@ class StableSoftmax(keras.layers.Layer):
     @classmethod
     def from_config(cls, config):
         # Keras would wrap the constructor's ValueError in a TypeError.
-        _checks.check_axis_spec(config.get("axis", -1))
-        _checks.check_temperature_value(config.get("temperature", 1.0))
-        _checks.check_trainable_temperature(config.get("trainable_temperature", False))
+        _arguments.check_axis_spec(config.get("axis", -1))
+        _temperature.check_temperature_value(config.get("temperature", 1.0))
+        _arguments.check_flag(
+            "trainable_temperature", config.get("trainable_temperature", False)
+        )
         return super().from_config(config)
 
     def get_config(self):

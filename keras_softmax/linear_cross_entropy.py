@@ -11,14 +11,16 @@ Peak memory then grows with the chunk, not with the tokens.
 """
 
 import math
-import numbers
 from typing import NamedTuple
 
 import keras
 from keras import ops
 
+from keras_softmax import _arguments
 from keras_softmax import _backend
-from keras_softmax import _checks
+from keras_softmax import _dtypes
+from keras_softmax import _numerics
+from keras_softmax import _temperature
 
 REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "none", None)
 # Logits held at once: a chunk of tokens times the vocabulary (64 MiB in
@@ -84,7 +86,7 @@ def linear_cross_entropy(
     >>> round(float(loss), 5)
     0.16723
     """
-    args = _checked(
+    args = _checked_arguments(
         labels, inputs, kernel, bias, temperature, logit_soft_cap,
         label_smoothing, z_loss, ignore_class, reduction, chunk_size,
     )  # fmt: skip
@@ -115,7 +117,7 @@ class _Arguments(NamedTuple):
     leading_shape: tuple
 
 
-def _checked(
+def _checked_arguments(
     labels,
     inputs,
     kernel,
@@ -129,12 +131,8 @@ def _checked(
     chunk_size,
 ) -> _Arguments:
     """The arguments checked, flattened to `[N, D]` and in the compute dtype."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(
-            f"`reduction` must be one of {REDUCTIONS}. "
-            f"Received: reduction={reduction!r}"
-        )
-    hidden, _ = _checks.to_compute_dtype(inputs)
+    _arguments.check_choice("reduction", reduction, REDUCTIONS)
+    hidden, _ = _dtypes.to_compute_dtype(inputs)
     dtype = keras.backend.standardize_dtype(hidden.dtype)
     kernel = ops.cast(_backend.to_tensor(kernel), dtype)
     if len(hidden.shape) < 1 or len(kernel.shape) != 2:
@@ -193,14 +191,16 @@ def _checked(
         hidden=ops.reshape(hidden, (-1, depth)),
         kernel=kernel,
         bias=bias,
-        temperature=_checks.to_scalar_temperature(temperature, dtype),
-        soft_cap=_checks.check_real(
+        temperature=_temperature.normalize_temperature(temperature, dtype).tensor(
+            dtype
+        ),
+        soft_cap=_arguments.check_real(
             "logit_soft_cap", soft_cap, minimum=0, open_minimum=True, allow_none=True
         ),
-        smoothing=_checks.check_real(
+        smoothing=_arguments.check_real(
             "label_smoothing", smoothing, minimum=0, maximum=1
         ),
-        z_loss=_checks.check_real("z_loss", z_loss, minimum=0),
+        z_loss=_arguments.check_real("z_loss", z_loss, minimum=0),
         chunk=_chunk(chunk_size, vocabulary),
         reduction=reduction,
         # Traced with an unknown batch size, the shape is read at run time.
@@ -209,14 +209,12 @@ def _checked(
 
 
 def _chunk(chunk_size, vocabulary):
+    chunk_size = _arguments.check_positive_integer(
+        "chunk_size", chunk_size, allow_none=True
+    )
     if chunk_size is None:
         return max(1, _CHUNK_ELEMENTS // max(int(vocabulary), 1))
-    if isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool):
-        if chunk_size > 0:
-            return int(chunk_size)
-    raise ValueError(
-        f"`chunk_size` must be a positive integer. Received: chunk_size={chunk_size!r}"
-    )
+    return chunk_size
 
 
 class _Spec(NamedTuple):
@@ -231,7 +229,12 @@ class _Spec(NamedTuple):
 
 def _through_rule(args: _Arguments, rule, weights):
     """`rule`'s output on the chunked arguments, with its custom derivative."""
+    per_position = rule is _per_position_rule
     n = args.hidden.shape[0]
+    if n == 0:
+        # No position: a loss of 0 (`[]` per position), with zero gradients.
+        zero = ops.sum(args.kernel) * 0.0
+        return ops.zeros((0,), zero.dtype) + zero if per_position else zero
     if n is None:  # a traced batch of unknown size
         n = ops.shape(args.hidden)[0]
         chunk = args.chunk
@@ -309,7 +312,7 @@ class _Chunk(NamedTuple):
 
 
 def _chunk_logits(spec, h, w, b, t):
-    logits = _capped(spec, _backend.matmul(h, w) + b)
+    logits = _numerics.soft_cap(_backend.matmul(h, w) + b, spec.soft_cap)
     top = ops.max(logits, axis=-1, keepdims=True)
     shifted = logits - top
     if spec.tempered:
@@ -319,13 +322,6 @@ def _chunk_logits(spec, h, w, b, t):
     # Only the cap's derivative needs them: eager backends free them now.
     logits = logits if spec.soft_cap is not None else None
     return _Chunk(logits, shifted, exp_shifted, top, total, ops.log(total))
-
-
-def _capped(spec, logits):
-    """`c * tanh(logits / c)` (Gemma 2's soft cap), or the logits as they are."""
-    if spec.soft_cap is None:
-        return logits
-    return spec.soft_cap * _backend.tanh(logits / spec.soft_cap)
 
 
 def _chunk_losses(spec, c: _Chunk, t, y, weights):
@@ -371,7 +367,7 @@ def _chunk_gradients(spec, c: _Chunk, h, w, t, y, weights) -> _Gradients:
         )
         d_logits = dz / t
     if spec.soft_cap is not None:
-        d_logits = d_logits * (1.0 - ops.square(c.logits / spec.soft_cap))
+        d_logits = d_logits * _numerics.soft_cap_derivative(c.logits, spec.soft_cap)
     return _Gradients(
         # (w @ dz^T)^T: TensorFlow would copy the whole kernel to transpose it.
         inputs=ops.transpose(_backend.matmul(w, ops.transpose(d_logits))),

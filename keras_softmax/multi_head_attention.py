@@ -6,8 +6,11 @@ import inspect
 import keras
 import numpy as np
 
+from keras_softmax import _arguments
 from keras_softmax import _backend
-from keras_softmax import _checks
+from keras_softmax import _dtypes
+from keras_softmax import _masks
+from keras_softmax import _temperature
 from keras_softmax import attention
 from keras_softmax.layer import StableSoftmax
 from keras_softmax.softmax import stable_softmax
@@ -90,7 +93,7 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
         trainable_temperature: bool = False,
         **kwargs,
     ):
-        temperature, trainable_temperature = _checked(
+        temperature, trainable_temperature = _checked_temperature(
             temperature, trainable_temperature
         )
         super().__init__(num_heads, key_dim, value_dim, dropout, **kwargs)
@@ -151,7 +154,7 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
     def _masked_softmax(self, attention_scores, attention_mask=None):
         # Keras' explicit path, taken for attention over several axes.
         # Keras inserts the heads' axes before the attended ones.
-        attention_mask = _checks.to_keep_mask(
+        attention_mask = _masks.to_keep_mask(
             attention_mask,
             _backend.static_shape(attention_scores),
             align=-len(self._attention_axes) * 2 - 1,
@@ -193,7 +196,7 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
                 f"with flash_attention={self._flash_attention}"
             )
         scores = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
-        keep = _checks.to_keep_mask(attention_mask, scores, align=-3)
+        keep = _masks.to_keep_mask(attention_mask, scores, align=-3)
         dropout = None
         if self._dropout > 0.0:
             dropout = functools.partial(self._dropout_layer, training=training)
@@ -204,7 +207,9 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             None,
             keep,
             self._inverse_sqrt_key_dim,
-            _checks.check_scalar_temperature(self.current_temperature()),
+            _temperature.normalize_temperature(
+                self.current_temperature(), _dtypes.compute_dtype(query.dtype)
+            ),
             return_weights=return_attention_scores,
             dropout=dropout,
             flash_attention=self._flash_attention,
@@ -214,7 +219,7 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
     @classmethod
     def from_config(cls, config):
         # Keras would wrap the constructor's ValueError in a TypeError.
-        _checked(
+        _checked_temperature(
             config.get("temperature", 1.0),
             config.get("trainable_temperature", False),
         )
@@ -231,9 +236,9 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
         return config
 
 
-def _checked(temperature, trainable_temperature):
-    trainable_temperature = _checks.check_trainable_temperature(trainable_temperature)
-    return _checks.check_temperature_value(temperature), trainable_temperature
+def _checked_temperature(temperature, trainable_temperature):
+    trainable = _arguments.check_flag("trainable_temperature", trainable_temperature)
+    return _temperature.check_temperature_value(temperature), trainable
 
 
 def _check_attention_mask(num_heads, *args, **kwargs):
@@ -256,7 +261,7 @@ def _check_attention_mask(num_heads, *args, **kwargs):
         shape = _backend.static_shape(attention_mask)  # None sizes while traced
     else:
         shape = np.shape(attention_mask)
-    if not any(_checks.broadcasts(shape, s) for s in (expected, per_head)):
+    if not any(_arguments.broadcasts(shape, s) for s in (expected, per_head)):
         raise ValueError(
             "`attention_mask` must be broadcastable to (batch, queries, keys) "
             f"= {expected}, or to (batch, heads, queries, keys) = {per_head}. "

@@ -36,8 +36,13 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_softmax import _arguments
 from keras_softmax import _backend
-from keras_softmax import _checks
+from keras_softmax import _dtypes
+from keras_softmax import _keras_internals
+from keras_softmax import _masks
+from keras_softmax import _numerics
+from keras_softmax import _temperature
 
 # exp(t) is exactly 0 in these dtypes for every t below -_UNDERFLOW.
 _UNDERFLOW = {"float32": 104.0, "float64": 746.0}
@@ -123,16 +128,19 @@ def _stable(x, axis, mask, temperature, log):
     """Checks the arguments, then takes the path this backend runs best."""
     if _any_symbolic(x, mask, temperature):
         return _symbolic(x, axis, mask, temperature, log)
-    x, output_dtype = _checks.to_compute_dtype(x)
-    axis = _checks.normalize_axis(axis, len(x.shape))
+    x, output_dtype = _dtypes.to_compute_dtype(x)
+    axis = _arguments.normalize_axis(axis, len(x.shape))
     shape = _backend.static_shape(x)
     dtype = keras.backend.standardize_dtype(x.dtype)
-    t = _checks.to_temperature(temperature, dtype, shape, axis)
-    keep = _checks.to_keep_mask(mask, shape)
+    temperature = _temperature.normalize_temperature(
+        temperature, dtype, shape, axis, per_slice=True
+    )
+    t = temperature.tensor(dtype)
+    keep = _masks.to_keep_mask(mask, shape)
     if 0 in shape:
         return ops.zeros(ops.shape(x), output_dtype)
     # A Python temperature is a constant: no derivative in it is ever taken.
-    t_varies = t is not None and not _checks.is_number(temperature)
+    t_varies = temperature.varies
 
     single = isinstance(axis, int)
     if single and shape[axis] == 1:
@@ -156,7 +164,8 @@ def _stable(x, axis, mask, temperature, log):
         )
     outputs = _cast(result.outputs, output_dtype)
     if read_logits:
-        outputs._keras_logits = _cast(result.logits, output_dtype)
+        logits = _cast(result.logits, output_dtype)
+        _keras_internals.attach_loss_logits(outputs, logits)
     return outputs
 
 
@@ -227,7 +236,7 @@ def _fused(x, axis, keep, t, log, t_varies):
         limit = _constant(largest / _UNDERFLOW[dtype], dtype)
         check = check + _nan_where_infinite(ops.log(limit - t))
     # With T = 1 the kernel shifts by the maximum itself.
-    logits = z if t is None else _tempered(z - top, t, t_varies, keep)
+    logits = z if t is None else _divided_by_temperature(z - top, t, t_varies, keep)
     return _fused_kernel(
         logits,
         axis,
@@ -278,7 +287,7 @@ def _softmax_vjp(outputs, upstream, axis, log):
     return outputs * (upstream - _sum(upstream * outputs, axis))
 
 
-def _tempered(shifted, t, t_varies, keep):
+def _divided_by_temperature(shifted, t, t_varies, keep):
     """`shifted / t`, with derivatives in `t` that stay finite and exact.
 
     A masked or -inf position is a constant, but the quotient's derivatives
@@ -295,7 +304,7 @@ def _tempered(shifted, t, t_varies, keep):
         free = ops.logical_and(keep, free)
     return ops.where(
         free,
-        ops.where(free, shifted, 0.0) / t,
+        _numerics.divide_by_temperature(ops.where(free, shifted, 0.0), t),
         shifted / ops.stop_gradient(t),
     )
 
@@ -315,7 +324,7 @@ def _division_vjp(shifted, t, logits):
     def vjp(upstream):
         finite = ops.where(shifted > -math.inf, shifted, 0.0)
         # Divided twice rather than by t * t, which may overflow.
-        t_grad = -_sum_to_shape(upstream * finite, t.shape) / t / t
+        t_grad = -_numerics.sum_to_shape(upstream * finite, t.shape) / t / t
         return upstream / t, t_grad
 
     return vjp
@@ -440,7 +449,9 @@ def _shifted_logits(x, shift, t, select):
     """
     if t is None:
         return select.zero_elsewhere(x - shift)
-    return select.zero_elsewhere(x / 2 - shift / 2) / (t / 2)
+    return _numerics.divide_by_temperature(
+        select.zero_elsewhere(x / 2 - shift / 2), t / 2
+    )
 
 
 def _nan_where_infinite(value):
@@ -469,27 +480,13 @@ def _sum(x, axis):
     return x
 
 
-def _sum_to_shape(x, shape):
-    """Sums `x` down to `shape`, which broadcasts to it: a gradient's reverse."""
-    shape = tuple(shape)
-    extra = len(x.shape) - len(shape)
-    if extra:
-        x = ops.sum(x, axis=tuple(range(extra)))
-    broadcast = tuple(
-        i for i, size in enumerate(shape) if size == 1 and x.shape[i] != 1
-    )
-    if broadcast:
-        x = ops.sum(x, axis=broadcast, keepdims=True)
-    return x
-
-
 def _any_symbolic(*values):
     return any(isinstance(v, keras.KerasTensor) for v in values)
 
 
 def _symbolic(x, axis, mask, temperature, log):
     """A functional model's node: the softmax of a `keras.KerasTensor`."""
-    if _checks.is_number(temperature):
+    if _arguments.is_number(temperature):
         return StableSoftmaxOperation(axis, temperature, log)(x, mask)
     return StableSoftmaxOperation(axis, None, log)(x, mask, temperature)
 
@@ -506,9 +503,9 @@ class StableSoftmaxOperation(keras.Operation):
 
     def __init__(self, axis=-1, temperature=1.0, log=False, *, name=None):
         super().__init__(name=name)
-        self.axis = _checks.check_axis_spec(axis)
+        self.axis = _arguments.check_axis_spec(axis)
         if temperature is not None:
-            temperature = _checks.check_temperature_value(temperature)
+            temperature = _temperature.check_temperature_value(temperature)
         self.temperature = temperature
         self.log = bool(log)
 
@@ -518,12 +515,12 @@ class StableSoftmaxOperation(keras.Operation):
         return _stable(x, self.axis, mask, temperature, self.log)
 
     def compute_output_spec(self, x, mask=None, temperature=None):
-        axis = _checks.normalize_axis(self.axis, len(x.shape))
+        axis = _arguments.normalize_axis(self.axis, len(x.shape))
         if mask is not None:
-            _checks.check_mask_shape(mask.shape, x.shape)
+            _masks.check_mask_shape(mask.shape, x.shape)
         if temperature is not None:
-            _checks.check_temperature_shape(temperature.shape, x.shape, axis)
-        return keras.KerasTensor(x.shape, dtype=_checks.output_dtype(x.dtype))
+            _temperature.check_temperature_shape(temperature.shape, x.shape, axis)
+        return keras.KerasTensor(x.shape, dtype=_dtypes.output_dtype(x.dtype))
 
     def get_config(self):
         return {

@@ -486,6 +486,7 @@ def test_pytorch_sdpa_agrees_with_the_blocks_formula_and_zeroes_dead_queries():
 
     from keras_softmax import _backend
     from keras_softmax import _blockwise_attention
+    from keras_softmax import attention
 
     rng = np.random.default_rng(9)
     # float32: in float64 the formula runs (PyTorch's kernel has no second
@@ -498,19 +499,99 @@ def test_pytorch_sdpa_agrees_with_the_blocks_formula_and_zeroes_dead_queries():
     keep[1, 0, 3] = False
     for is_causal in (False, True):
         inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        native = _backend.masked_attention(*inputs, keep, 0.5, is_causal)
+        folded = keep & torch.ones(7, 7, dtype=torch.bool).tril() if is_causal else keep
+        # PyTorch's own kernel is what the package picks here.
+        assert _backend.sdpa_serves((*inputs, folded))
+        native = attention._sdpa_attention(*inputs, folded, 0.5, False)
         (native * torch.arange(1.0, 5.0)).sum().backward()
         blocks_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
         with small_blocks():
             formula = _blockwise_attention.blockwise_attention(
-                *blocks_inputs, None, keep, 0.5, 1.0, is_causal, None
+                *blocks_inputs, None, keep, 0.5, None, is_causal, None
             )
         (formula * torch.arange(1.0, 5.0)).sum().backward()
         np.testing.assert_array_equal(to_numpy(native)[1, 3], 0.0)
-        assert native is not None
         np.testing.assert_allclose(to_numpy(native), to_numpy(formula), atol=1e-6)
         for ours, theirs in zip(blocks_inputs, inputs, strict=True):
             np.testing.assert_allclose(
                 to_numpy(theirs.grad), to_numpy(ours.grad), rtol=1e-5, atol=1e-5
             )
         np.testing.assert_array_equal(to_numpy(inputs[0].grad)[1, 3], 0.0)
+
+
+def test_a_functional_model_of_dot_product_attention_saves_and_reloads(tmp_path):
+    q = keras.Input((5, 2, 4))
+    mask = keras.Input((1, 1, 5), dtype="bool")
+    out = dot_product_attention(q, q, q, mask=mask, is_causal=True, temperature=2.0)
+    model = keras.Model([q, mask], out)
+    path = str(tmp_path / "attention.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 2, 4)).astype("float32")
+    keep = np.ones((2, 1, 1, 5), bool)
+    keep[1, ..., 0] = False  # the first query of the second sequence: no key
+    expected = to_numpy(model([x, keep]))
+    np.testing.assert_array_equal(to_numpy(reloaded([x, keep])), expected)
+    np.testing.assert_array_equal(expected[1, 0], 0.0)
+    reference, _ = reference_attention(
+        x, x, x, mask=keep, is_causal=True, temperature=2.0
+    )
+    np.testing.assert_allclose(expected, reference, atol=1e-5)
+
+
+def test_a_functional_model_needs_a_number_for_the_temperature():
+    q = keras.Input((5, 2, 4))
+    with pytest.raises(ValueError, match="temperature"):
+        dot_product_attention(q, q, q, temperature=keras.ops.ones(()))
+
+
+@pytest.mark.parametrize("flash_attention", [None, True, False])
+@pytest.mark.parametrize(
+    "query_shape, key_length",
+    [((0, 3, 2, 4), 3), ((2, 0, 2, 4), 3), ((2, 3, 2, 4), 0), ((2, 3, 0, 4), 3)],
+)
+def test_zero_sizes_give_zeros_of_the_output_shape(
+    query_shape, key_length, flash_attention
+):
+    q = np.ones(query_shape, "float32")
+    kv = np.ones((query_shape[0], key_length, query_shape[2], 5), "float32")
+    k = np.ones(kv.shape[:-1] + (4,), "float32")
+    out = dot_product_attention(q, k, kv, flash_attention=flash_attention)
+    assert tuple(out.shape) == query_shape[:-1] + (5,)
+    assert to_numpy(out).size == 0 or not to_numpy(out).any()
+
+
+def test_heads_of_size_zero_and_no_scale_average_the_values():
+    q = np.ones((1, 2, 1, 0), "float32")
+    v = np.arange(6, dtype="float32").reshape(1, 3, 1, 2)
+    out = to_numpy(dot_product_attention(q, np.ones((1, 3, 1, 0), "float32"), v))
+    np.testing.assert_allclose(out[0, :, 0], [[2.0, 3.0]] * 2, rtol=1e-6)
+
+
+def describe(query, mask=None, bias=None, temperature=1.0, flash=None, weights=False):
+    """The path `attend` takes for these arguments, on this backend and device."""
+    from keras_softmax import _temperature
+    from keras_softmax import attention
+
+    query = keras.ops.convert_to_tensor(query)
+    keep = None if mask is None else keras.ops.convert_to_tensor(mask)
+    t = _temperature.normalize_temperature(temperature)
+    choice = attention._Choice(t.foldable, not weights, flash)
+    return attention._path(query, query, query, bias, keep, choice)
+
+
+def test_the_choice_of_path_is_one_decision_named_by_its_kernel():
+    short = np.ones((1, 8, 2, 4), "float32")
+    mask = np.ones((1, 1, 8, 8), bool)
+    eager_sdpa = BACKEND == "torch"  # PyTorch's own attention on a CPU
+    assert describe(short, mask) == ("sdpa" if eager_sdpa else "keras_fused")
+    assert describe(short, mask, flash=False) == "keras_fused"
+    assert describe(short, mask, temperature=0.5) == "explicit"
+    assert describe(short, weights=True) == "explicit"
+    # No fused flash kernel on a CPU: the blocks.
+    assert describe(short, mask, flash=True, temperature=0.5) == "blocks"
+    long = np.ones((1, 2048, 4, 4), "float32")  # 4 * 2048**2 = 2**24 scores
+    assert describe(long, temperature=0.5) == "blocks"
+    with pytest.raises(ValueError, match="flash_attention=True"):
+        describe(short, flash=True, weights=True)

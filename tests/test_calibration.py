@@ -23,6 +23,7 @@ from reference import softmax as reference_softmax
 
 import keras_softmax
 from keras_softmax import StableSoftmax
+from keras_softmax import StableSoftmaxHead
 from keras_softmax import stable_softmax
 from keras_softmax.calibration import ExpectedCalibrationError
 from keras_softmax.calibration import calibrate
@@ -715,6 +716,34 @@ def test_calibrate_strips_any_softmax_activation_from_the_head(trained, activati
         calibrated.predict(x_val, verbose=0),
         reference.predict(x_val, verbose=0),
         atol=1e-7,
+    )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_stable_softmax_head_gives_its_logits_and_calibrates(trained, temperature):
+    # Its activation is linear, yet its output is probabilities.
+    model, x_val, y_val = trained
+    head = StableSoftmaxHead(3, temperature=temperature)
+    copy = keras.Sequential([keras.Input((2,)), model.layers[0], head])
+    head.set_weights(model.layers[-1].get_weights())
+    logits = head_logits(model, x_val)
+    np.testing.assert_allclose(
+        logits_model(copy).predict(x_val, verbose=0), logits, rtol=1e-5, atol=1e-5
+    )
+    # The head's softmax normalises those logits over its temperature.
+    np.testing.assert_allclose(
+        copy.predict(x_val, verbose=0),
+        reference_softmax(logits / temperature),
+        atol=1e-6,
+    )
+    # Calibrating replaces the head's temperature with the fitted one.
+    calibrated = calibrate(copy, x_val, y_val)
+    fitted = calibrated.layers[-1].temperature
+    assert fitted == pytest.approx(fit_temperature(logits, y_val), rel=1e-5)
+    np.testing.assert_allclose(
+        calibrated.predict(x_val, verbose=0),
+        reference_softmax(logits / fitted),
+        atol=1e-6,
     )
 
 

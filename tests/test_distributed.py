@@ -53,6 +53,7 @@ def test_classifier_accuracy_on_this_backend_is_within_001_of_tensorflows():
         timeout=900,
     )
     tensorflow = float(out.split()[-1])
+    # NaN fails every comparison below; say so first.
+    assert np.isfinite(here) and np.isfinite(tensorflow), (here, tensorflow)
     assert here >= 0.95
     assert abs(here - tensorflow) <= 0.01, (BACKEND, here, tensorflow)
-    assert np.isfinite(here)

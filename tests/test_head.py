@@ -1,5 +1,6 @@
 """StableSoftmaxHead: Dense(V)'s weights and probabilities, trained fused."""
 
+import json
 import textwrap
 
 import keras
@@ -51,30 +52,150 @@ def test_probabilities_and_weights_are_those_of_dense_with_stable_softmax():
     np.testing.assert_allclose(to_numpy(head(x)), to_numpy(dense(x)), rtol=1e-6)
 
 
-def _keras_reference(head, x, y, sample_weight=None, ignore_class=None):
+def _keras_reference(
+    head,
+    x,
+    y,
+    sample_weight=None,
+    ignore_class=None,
+    reduction="sum_over_batch_size",
+    keep=None,
+):
+    """Keras' loss on the logits, masked where `keep` is False."""
     kernel, bias = head.get_weights()
     logits = (x @ kernel + bias) / head.temperature
+    if keep is not None:
+        logits = keras.layers.Masking()(np.where(keep[:, None], logits, 0.0))
     loss = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, ignore_class=ignore_class
+        from_logits=True, ignore_class=ignore_class, reduction=reduction
     )
-    return float(to_numpy(loss(y, logits, sample_weight=sample_weight)))
+    return to_numpy(loss(y, logits, sample_weight=sample_weight))
 
 
+# Every reduction `keras.losses.Loss` accepts (Keras 3.15).
+KERAS_REDUCTIONS = [
+    "sum_over_batch_size",
+    "mean",
+    "sum",
+    "mean_with_sample_weight",
+    "none",
+    None,
+]
+
+
+@pytest.mark.parametrize("reduction", KERAS_REDUCTIONS)
 @pytest.mark.parametrize("ignore_class", [None, 3])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-def test_loss_on_hidden_states_equals_keras_sparse_cross_entropy_on_the_logits(
-    ignore_class, weighted
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_every_keras_reduction_equals_keras_sparse_cross_entropy_on_the_logits(
+    reduction, ignore_class, weighted, masked
 ):
+    # Unweighted and unmasked, the loss is one fused pass; weighted or
+    # masked, Keras reduces its per-position losses.
     x, y = _data(n=12)
     y[:4] = 3
     head = _built(StableSoftmaxHead(VOCABULARY, temperature=1.3))
-    sample_weight = (
-        np.linspace(0.0, 2.0, len(y)).astype("float32") if weighted else None
+    hidden, sample_weight, keep = x, None, None
+    if weighted:
+        sample_weight = np.linspace(0.0, 2.0, len(y)).astype("float32")
+    if masked:
+        keep = np.arange(len(y)) % 5 != 1
+        hidden = keras.layers.Masking()(np.where(keep[:, None], x, 0.0))
+    loss = head.loss(ignore_class=ignore_class, reduction=reduction, chunk_size=5)
+    actual = to_numpy(loss(y, head(hidden, training=True), sample_weight))
+    expected = _keras_reference(
+        head, x, y, sample_weight, ignore_class, reduction, keep
     )
-    loss = head.loss(ignore_class=ignore_class, chunk_size=5)
-    actual = float(to_numpy(loss(y, head(x, training=True), sample_weight)))
-    expected = _keras_reference(head, x, y, sample_weight, ignore_class)
-    np.testing.assert_allclose(actual, expected, rtol=2e-6)
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", KERAS_REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_every_keras_reduction_of_only_ignored_positions_is_keras_zero(
+    reduction, weighted
+):
+    x, _ = _data(n=6)
+    y = np.full(len(x), 3)
+    head = _built(StableSoftmaxHead(VOCABULARY))
+    sample_weight = np.ones(len(y), "float32") if weighted else None
+    loss = head.loss(ignore_class=3, reduction=reduction)
+    actual = to_numpy(loss(y, head(x, training=True), sample_weight))
+    expected = _keras_reference(head, x, y, sample_weight, 3, reduction)
+    np.testing.assert_array_equal(expected, 0.0)
+    np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_fit_with_a_mean_with_sample_weight_loss_follows_the_naive_head(weighted):
+    x, y = _data(n=32)
+    sample_weight = np.linspace(0.5, 2.0, len(y)) if weighted else None
+    keras.utils.set_random_seed(0)
+    naive = _model("functional", keras.layers.Dense(VOCABULARY))
+    head = StableSoftmaxHead(VOCABULARY)
+    fused = _model("functional", head)
+    fused.set_weights(naive.get_weights())
+    reduction = "mean_with_sample_weight"
+    naive.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=reduction
+        ),
+    )
+    fused.compile(
+        optimizer=keras.optimizers.SGD(0.5), loss=head.loss(reduction=reduction)
+    )
+    fit = dict(batch_size=8, epochs=2, shuffle=False, verbose=0)
+    expected = naive.fit(x, y, sample_weight=sample_weight, **fit).history["loss"]
+    actual = fused.fit(x, y, sample_weight=sample_weight, **fit).history["loss"]
+    np.testing.assert_allclose(actual, expected, rtol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute is TensorFlow's")
+def test_fit_over_two_mirrored_replicas_follows_the_naive_head():
+    # Keras divides each replica's mean loss by the replicas, whose
+    # gradients are summed; a sum it leaves.
+    code = """
+        import json
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+        )
+        import keras, numpy as np, keras_softmax
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(32, 6)).astype("float32")
+        y = rng.integers(0, 23, size=32)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        histories = {}
+        for reduction in ("sum_over_batch_size", "mean_with_sample_weight", "sum"):
+            for fused in (False, True):
+                keras.utils.set_random_seed(0)
+                with strategy.scope():
+                    if fused:
+                        head = keras_softmax.StableSoftmaxHead(23)
+                        loss = head.loss(reduction=reduction)
+                    else:
+                        head = keras.layers.Dense(23)
+                        loss = keras.losses.SparseCategoricalCrossentropy(
+                            from_logits=True, reduction=reduction
+                        )
+                    model = keras.Sequential([keras.Input((6,)), head])
+                    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+                history = model.fit(x, y, 16, 3, verbose=0, shuffle=False)
+                histories[f"{reduction} {fused}"] = history.history["loss"]
+        print(json.dumps([strategy.num_replicas_in_sync, histories]))
+    """
+    out = check_python("-c", textwrap.dedent(code), timeout=900)
+    replicas, histories = json.loads(out.splitlines()[-1])
+    assert replicas == 2
+    for reduction in ("sum_over_batch_size", "mean_with_sample_weight", "sum"):
+        np.testing.assert_allclose(
+            histories[f"{reduction} True"],
+            histories[f"{reduction} False"],
+            rtol=1e-5,
+            err_msg=reduction,
+        )
 
 
 def test_loss_of_a_masked_sequence_leaves_padding_out_as_keras_does():

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from backends import BACKEND
 from backends import compiled
+from backends import gradient
 from backends import traced
 from reference import assert_close_to_reference
 from reference import log_softmax as reference_log_softmax
 from reference import softmax as reference_softmax
 from reference import to_numpy
 
+import keras_softmax
 from keras_softmax import StableSoftmax
 from keras_softmax import stable_log_softmax
 from keras_softmax import stable_softmax
@@ -351,3 +353,40 @@ def test_as_a_layer_after_dense_it_consumes_the_mask_without_warning():
     assert not [w for w in caught if "mask" in str(w.message)]
     np.testing.assert_array_equal(out[TOKENS == 0], 0.0)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1e-160, 1e-20, 0.3])
+@pytest.mark.parametrize(
+    "path", ["stable_softmax", "attention", "attention_blocks"], ids=str
+)
+def test_temperature_gradients_are_finite_for_any_positive_temperature(
+    path, temperature, request
+):
+    """Autodiff's derivative of `x / t` squares `t`, which underflows for a
+    tiny temperature (below 1e-154 in float64); 0 times its inverse is NaN."""
+    if path == "attention_blocks" and BACKEND == "jax" and temperature == 1e-160:
+        # Open, and asserted so: on JAX (XLA on a CPU) the blocks' scores are
+        # rounded differently for the running maximum and for the shift, and
+        # at such a temperature one ulp between them is the whole
+        # distribution (outputs of 0 and NaN, not only the derivative).
+        request.applymarker(pytest.mark.xfail(strict=True, reason="open: see above"))
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3)) * 3
+    mask = np.array([[True, True, False], [True, True, True]])
+    q = rng.normal(size=(1, 4, 1, 3))
+
+    def loss(t):
+        t = keras.ops.reshape(t, ())
+        if path == "stable_softmax":
+            out = keras_softmax.stable_softmax(x, mask=mask, temperature=t)
+        else:
+            out = keras_softmax.dot_product_attention(
+                q, q, q, temperature=t, flash_attention=path == "attention_blocks"
+            )
+        return keras.ops.reshape(keras.ops.sum(out), (1,))
+
+    (derivative,) = gradient(loss, np.array([temperature]))
+    assert np.isfinite(derivative)
+    if temperature < 1e-8:
+        # A one-hot distribution: nothing moves with the temperature.
+        assert derivative == 0.0

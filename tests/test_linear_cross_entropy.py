@@ -319,3 +319,20 @@ def test_a_training_step_never_holds_the_tokens_by_vocabulary_logits():
     # The kernel's gradient is 1/16 of the logits' size, a chunk's
     # temporaries a few 1/16ths; the logits would be 1.0 at least.
     assert extra < 0.5, f"extra peak {extra:.2f} x the logits"
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", None])
+def test_an_empty_batch_has_a_loss_of_zero_and_zero_gradients(reduction):
+    kernel = np.ones((3, 5), "float32")
+    inputs = np.zeros((0, 3), "float32")
+    loss = linear_cross_entropy(
+        np.zeros((0,), "int32"), inputs, kernel, reduction=reduction
+    )
+    expected = np.zeros((0,)) if reduction is None else 0.0
+    np.testing.assert_array_equal(to_numpy(loss), expected)
+
+    def reduced(k):
+        losses = linear_cross_entropy(np.zeros((0,), "int32"), inputs, k)
+        return keras.ops.reshape(losses, (1,))
+
+    np.testing.assert_array_equal(gradient(reduced, kernel), np.zeros((3, 5)))

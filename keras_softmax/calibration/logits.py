@@ -7,6 +7,8 @@ for the heads it supports, and says which those are when it meets another.
 
 import keras
 
+from keras_softmax import _keras_internals
+from keras_softmax.head import StableSoftmaxHead
 from keras_softmax.layer import StableSoftmax
 from keras_softmax.softmax import stable_softmax
 
@@ -15,8 +17,12 @@ def logits_model(model: keras.Model) -> keras.Model:
     """A model with the inputs of `model` whose output is its logits.
 
     The logits are what the last softmax of `model` normalises: what
-    `fit_temperature` needs, and what `model.predict` never shows. The new
-    model shares its layers and weights with `model`.
+    `fit_temperature` needs, and what `model.predict` never shows. A
+    softmax's own temperature `T` is left out: the logits are those it
+    divides by `T`, so the temperature that `fit_temperature` fits to them
+    (and `calibrate` applies) replaces `T`, rather than multiplying it.
+    The new model shares its layers and weights with `model`, except for a
+    last layer it copies, whose weights it copies as they are now.
 
     The last layer of `model` must be one of:
 
@@ -25,6 +31,9 @@ def logits_model(model: keras.Model) -> keras.Model:
       of the layer, with its weights and no activation, gives the logits;
     - a `StableSoftmax`, `Softmax` or softmax `Activation` layer over the
       last axis: its input is the logits;
+    - a `StableSoftmaxHead`: a `Dense` copy of it, with its kernel and
+      bias, gives the logits, `inputs @ kernel + bias` (its activation is
+      linear, but it applies the softmax itself);
     - a layer with a linear activation, e.g. `Dense(C)`: its output is the
       logits.
 
@@ -83,7 +92,7 @@ def logits_of(model, caller: str):
 
 def _head_logits(model, output, caller):
     """The logits that the last layer of `model` turns into `output`."""
-    head = output._keras_history.operation
+    head = _keras_internals.operation_of(output)
     activation = getattr(head, "activation", None)
     rank = len(output.shape)
 
@@ -92,21 +101,16 @@ def _head_logits(model, output, caller):
         return _input_of(head, caller)
     if isinstance(head, keras.layers.Activation) and _is_softmax(activation):
         return _input_of(head, caller)
+    if isinstance(head, StableSoftmaxHead):
+        # Its activation is linear, yet it applies the softmax itself: its
+        # logits are those of a `Dense` with its weights.
+        config = head.get_config()
+        del config["temperature"]
+        return _linear_copy(model, head, keras.layers.Dense, config, caller)
     if _is_softmax(activation):
         if isinstance(activation, StableSoftmax):
             _check_last_axis(activation.axis, rank, head, caller)
-        # The same layer, weights and all, but without its activation.
-        config = head.get_config()
-        config["activation"] = "linear"
-        config["name"] = free_name(model, f"{head.name}_logits")
-        copy = type(head).from_config(config)
-        logits = copy(_input_of(head, caller))
-        # The head's own weights: a StableSoftmax activation brings its
-        # temperature variable to the layer's weights too.
-        activation_weights = {id(w) for w in getattr(activation, "weights", ())}
-        own = [w for w in head.weights if id(w) not in activation_weights]
-        copy.set_weights([keras.ops.convert_to_numpy(w) for w in own])
-        return logits
+        return _linear_copy(model, head, type(head), head.get_config(), caller)
     if activation is keras.activations.linear:
         return output
     described = "no activation" if activation is None else f"activation {activation}"
@@ -114,10 +118,29 @@ def _head_logits(model, output, caller):
         f"`{caller}` supports a model whose last layer has the activation "
         "`stable_softmax` or `softmax` (e.g. Dense(C, activation="
         "'stable_softmax')), is a StableSoftmax, Softmax or softmax Activation "
-        "layer, or has a linear activation (its output is then the logits). "
+        "layer or a StableSoftmaxHead, or has a linear activation (its output "
+        "is then the logits). "
         f"Received: last layer {head.name!r} ({type(head).__name__}) with "
         f"{described}"
     )
+
+
+def _linear_copy(model, head, layer_class, config, caller):
+    """The output of a `layer_class(**config)` copy of `head`, unactivated.
+
+    The copy has the head's weights and takes its input.
+    """
+    config = dict(config, activation="linear")
+    config["name"] = free_name(model, f"{head.name}_logits")
+    copy = layer_class.from_config(config)
+    logits = copy(_input_of(head, caller))
+    # The head's own weights: a StableSoftmax activation brings its
+    # temperature variable to the layer's weights too.
+    activation = getattr(head, "activation", None)
+    activation_weights = {id(w) for w in getattr(activation, "weights", ())}
+    own = [w for w in head.weights if id(w) not in activation_weights]
+    copy.set_weights([keras.ops.convert_to_numpy(w) for w in own])
+    return logits
 
 
 def _is_softmax(activation):

@@ -108,7 +108,9 @@ def calibrate(model: keras.Model, x_val, y_val) -> keras.Model:
 
     The logits are read off the last layer of `model` as `logits_model`
     reads them, which says which last layers it supports: a softmax
-    activation or layer, or a linear one.
+    activation or layer, a `StableSoftmaxHead`, or a linear one. They are
+    the logits before any temperature of that softmax, which the fitted
+    temperature replaces.
 
     The returned model shares every other layer with `model`, so training
     one trains the other.

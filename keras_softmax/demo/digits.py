@@ -25,8 +25,8 @@ import warnings
 import keras
 import numpy as np
 
-from keras_softmax import _checks
 from keras_softmax import calibration
+from keras_softmax._temperature import check_temperature_value
 from keras_softmax.demo import cli
 from keras_softmax.demo import quiet
 from keras_softmax.demo import serving
@@ -275,7 +275,7 @@ def _why_not_exported(fmt):
 
 def _temperature(text):
     try:
-        return _checks.check_temperature_value(float(text))
+        return check_temperature_value(float(text))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a positive finite number, got {text!r}"

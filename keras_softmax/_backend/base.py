@@ -1,0 +1,210 @@
+"""`Edge`: the surface every framework's edge offers, with `keras.ops`' answers.
+
+A framework's module (`tensorflow.py`, `jax.py`, `torch.py`) subclasses
+`Edge` and overrides what Keras 3.15 answers slowly, inexactly or not at
+all there; what it keeps is Keras'. The last methods (`cond_no_nan`,
+`reduce_any`, `reduce_all`) are framework-free: they are written once, on
+the rest of the surface.
+"""
+
+import keras
+import numpy as np
+
+# What `_backend.<name>` resolves on the running backend.
+SURFACE = (
+    "add_matmul",
+    "cond_no_nan",
+    "custom_vjp",
+    "fori_loop",
+    "has_reverse_rules",
+    "is_concrete",
+    "keras_attention_is_exact",
+    "loop_index",
+    "losses_read_logits",
+    "matmul",
+    "maximum",
+    "may_differentiate",
+    "may_have_flash_kernel",
+    "read",
+    "power_of_two",
+    "reduce_all",
+    "reduce_any",
+    "reduce_max",
+    "scan",
+    "sdpa_serves",
+    "slice_add",
+    "static_shape",
+    "takes_fused_path",
+    "to_tensor",
+    "with_reverse_rule",
+)
+
+
+class Edge:
+    """`keras.ops`' answers: what a backend without an edge of its own gets."""
+
+    # Paths.
+
+    def takes_fused_path(self, x) -> bool:
+        """Whether the backend's own fused softmax kernel is worth a branch.
+
+        True where ops run as separate kernels (TensorFlow without XLA,
+        eager PyTorch): there the fused kernel does in one pass what the
+        exact formula does in several, and a cheap check picks the exact
+        path for the rare slice that needs it. False where a compiler fuses
+        the exact formula anyway, and a branch would only cost.
+        """
+        return False
+
+    def keras_attention_is_exact(self, dtype: str, key_size, value_size) -> bool:
+        """Whether `keras.ops.dot_product_attention` gives our result for
+        inputs of `dtype` and these head sizes (before our mask and fill)."""
+        return True
+
+    def may_have_flash_kernel(self, tensor) -> bool:
+        """Whether Keras may have a fused flash-attention kernel for `tensor`."""
+        return False
+
+    def sdpa_serves(self, tensors) -> bool:
+        """Whether PyTorch's `scaled_dot_product_attention` can run on
+        `tensors` now with our semantics (see `attention._sdpa_attention`)."""
+        return False
+
+    def losses_read_logits(self) -> bool:
+        """Whether Keras' cross-entropy losses read `_keras_logits` here."""
+        return False
+
+    # Tensors and their values.
+
+    def is_concrete(self, tensor) -> bool:
+        """Whether `tensor`'s values can be read now, without tracing them."""
+        return True
+
+    def static_shape(self, x) -> tuple:
+        """`x`'s shape as Python ints, with None for sizes not known now."""
+        return tuple(x.shape)
+
+    def read(self, tensor) -> np.ndarray:
+        """A concrete tensor's values as a NumPy array."""
+        return keras.ops.convert_to_numpy(tensor)
+
+    def to_tensor(self, value):
+        """`value` as a tensor; a variable is read."""
+        return keras.ops.convert_to_tensor(value)
+
+    # Arithmetic, where Keras' is inexact or slow.
+
+    def reduce_max(self, x, axis=None, keepdims=False):
+        """`keras.ops.amax`."""
+        return keras.ops.amax(x, axis=axis, keepdims=keepdims)
+
+    def matmul(self, a, b):
+        """`keras.ops.matmul`, in float64 where the inputs are."""
+        return keras.ops.matmul(a, b)
+
+    def maximum(self, a, b):
+        """`keras.ops.maximum`, in float64 where the inputs are."""
+        return keras.ops.maximum(a, b)
+
+    def power_of_two(self, exponent, dtype: str):
+        """`2 ** exponent`, exactly, in `dtype` (`exponent` integers as floats)."""
+        ones = keras.ops.ones(keras.ops.shape(exponent), dtype)
+        return keras.ops.ldexp(ones, keras.ops.cast(exponent, "int32"))
+
+    def add_matmul(self, total, a, b):
+        """`total + a @ b` (in place where the backend can)."""
+        return total + self.matmul(a, b)
+
+    def slice_add(self, x, starts, update):
+        """`x` with `update` added to its block that starts at `starts`."""
+        block = keras.ops.slice(x, starts, keras.ops.shape(update))
+        return keras.ops.slice_update(x, starts, block + update)
+
+    # Control flow.
+
+    def graph_when_large(self, fn):
+        """`fn`, or a version that runs large eager inputs as a graph."""
+        return fn
+
+    def scan(self, step, carry, xs):
+        """`keras.ops.scan`, whose outputs may differ from the carry in shape.
+
+        `step(carry, x)` returns `(carry, y)`; `xs` and `y` are tuples of
+        tensors. A Python loop here: one step's tensors live at a time.
+        """
+        ys = []
+        for i in range(int(xs[0].shape[0])):
+            carry, y = step(carry, tuple(x[i] for x in xs))
+            ys.append(y)
+        return carry, tuple(keras.ops.stack(parts) for parts in zip(*ys, strict=True))
+
+    def loop_index(self, i):
+        """A loop's index, as the backend's slices take it fastest."""
+        return i
+
+    def fori_loop(self, lower, upper, body, carry):
+        """`keras.ops.fori_loop`."""
+        return keras.ops.fori_loop(lower, upper, body, carry)
+
+    # Derivatives.
+
+    def may_differentiate(self, tensor) -> bool:
+        """Whether a derivative in `tensor` may be asked for, now or later."""
+        return True
+
+    def has_reverse_rules(self) -> bool:
+        """Whether `with_reverse_rule` installs its rule on this backend."""
+        return False
+
+    def with_reverse_rule(self, forward, backward, *inputs):
+        """`forward(*inputs)`, differentiated in reverse mode by `backward`
+        where the backend gains by a rule (TensorFlow); else autodiff's own.
+        """
+        return forward(*inputs)
+
+    def custom_vjp(
+        self, forward, backward, *, forward_for_derivative=None, saves_outputs=False
+    ):
+        """A function whose reverse-mode derivative is `backward`.
+
+        `forward(*inputs)` returns `(outputs, saved)`, `saved` a tuple of
+        tensors; `backward(inputs, saved, upstream)` returns one gradient
+        per input (None for an integer or bool input). With
+        `saves_outputs`, `backward` receives `(outputs, *saved)` as
+        `saved`. `forward_for_derivative`, of `forward`'s form, runs instead
+        where a derivative may be taken, so that it can save what
+        `backward` would recompute. Here, with no autodiff to tell, the
+        forward pass alone.
+        """
+        return lambda *inputs: forward(*inputs)[0]
+
+    # Framework-free, on the surface above.
+
+    def cond_no_nan(self, value, true_fn, false_fn):
+        """`true_fn()` unless the small tensor `value` holds a NaN, else
+        `false_fn()`.
+
+        Where `value` can be read now, a plain `if`: eager calls then skip
+        Keras' `Cond` operation, whose set-up costs more than the softmax
+        of a small tensor.
+        """
+        if self.is_concrete(value):
+            has_nan = np.isnan(self.read(value)).any()
+            return false_fn() if has_nan else true_fn()
+        return keras.ops.cond(
+            self.reduce_any(keras.ops.isnan(value)), false_fn, true_fn
+        )
+
+    def reduce_any(self, x):
+        """Whether any element of the bool tensor `x` is True, over every axis.
+
+        Every axis is named: Keras' `any` without axes passes PyTorch
+        `dim=None`, on which PyTorch's ONNX exporter fails (Keras 3.15,
+        PyTorch 2.13).
+        """
+        return keras.ops.any(x, axis=tuple(range(len(x.shape))))
+
+    def reduce_all(self, x):
+        """Whether every element of the bool tensor `x` is True (see
+        `reduce_any`)."""
+        return keras.ops.all(x, axis=tuple(range(len(x.shape))))

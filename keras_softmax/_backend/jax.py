@@ -1,0 +1,55 @@
+"""JAX's edge (JAX 0.10, Keras 3.15): every call is compiled, so Keras'
+answers serve, but for a scan, attention and the custom derivative."""
+
+import jax
+
+from keras_softmax._backend.base import Edge
+
+
+class JaxEdge(Edge):
+    def keras_attention_is_exact(self, dtype: str, key_size, value_size) -> bool:
+        # Keras' attention returns float32 for float64 inputs (JAX 0.10's own
+        # takes the softmax in float32), and fails on values whose head size
+        # differs from the keys'.
+        return dtype != "float64" and key_size == value_size
+
+    def may_have_flash_kernel(self, tensor) -> bool:
+        # Keras 3.15 has none on a CPU: asking only fails.
+        return jax.devices()[0].platform != "cpu"
+
+    def is_concrete(self, tensor) -> bool:
+        return not isinstance(tensor, jax.core.Tracer)
+
+    def power_of_two(self, exponent, dtype: str):
+        # Keras' `ldexp` (3.15) returns float32 for float64 and int32.
+        return jax.numpy.ldexp(
+            jax.numpy.ones_like(exponent, dtype), exponent.astype("int32")
+        )
+
+    def scan(self, step, carry, xs):
+        # `lax.scan`: Keras' shapes its outputs like its carry.
+        return jax.lax.scan(step, carry, xs)
+
+    def custom_vjp(
+        self, forward, backward, *, forward_for_derivative=None, saves_outputs=False
+    ):
+        """`jax.custom_vjp`: reverse mode and `vmap`."""
+
+        @jax.custom_vjp
+        def rule(*inputs):
+            return forward(*inputs)[0]
+
+        def rule_forward(*inputs):
+            outputs, saved = (forward_for_derivative or forward)(*inputs)
+            kept = (outputs, *saved) if saves_outputs else saved
+            return outputs, (inputs, kept)
+
+        def rule_backward(residuals, upstream):
+            inputs, saved = residuals
+            return tuple(backward(inputs, saved, upstream))
+
+        rule.defvjp(rule_forward, rule_backward)
+        return rule
+
+
+EDGE = JaxEdge()

@@ -1,0 +1,194 @@
+"""TensorFlow's edge (TensorFlow 2.21, Keras 3.15): the one module of the
+library that imports TensorFlow (with the private-API ledger)."""
+
+import functools
+
+import tensorflow as tf
+
+from keras_softmax import _keras_internals
+from keras_softmax._backend.base import Edge
+
+# Elements from which an eager call runs as a graph (see graph_when_large).
+_LARGE = 1 << 16
+_TENSOR = object()
+
+
+class TensorFlowEdge(Edge):
+    def takes_fused_path(self, x) -> bool:
+        # Eager, or a `tf.function` without XLA: how Keras' `fit` and
+        # `predict` run on a CPU, and how `model.export` traces.
+        return not _keras_internals.in_xla_context()
+
+    def losses_read_logits(self) -> bool:
+        return True
+
+    def is_concrete(self, tensor) -> bool:
+        return tf.executing_eagerly() or not tf.is_tensor(tensor)
+
+    def to_tensor(self, value):
+        # Keras' `convert_to_tensor` returns a variable as it is, and a
+        # `tf.custom_gradient` may not read a variable it was not handed.
+        return tf.convert_to_tensor(value)
+
+    def reduce_max(self, x, axis=None, keepdims=False):
+        # Keras' eager maximum runs an extra op to refuse empty tensors,
+        # more than the softmax of a small tensor costs.
+        return tf.reduce_max(x, axis=axis, keepdims=keepdims)
+
+    def graph_when_large(self, fn):
+        """Runs eager calls of `fn` on large inputs as a graph.
+
+        A graph updates intermediates in place and runs independent
+        reductions side by side, where eager ops allocate a fresh output
+        each; for a small input the call of a graph costs more than that
+        saves. One graph per static configuration (the Python arguments,
+        and the rank, dtype and size-1 axes of each tensor), traced once for
+        every size, so a loop over varying shapes never retraces.
+        """
+        graphs = {}
+
+        def spec(t):
+            # Axes of size 1 stay known: broadcasting and gradients rely on them.
+            return tf.TensorSpec([1 if n == 1 else None for n in t.shape], t.dtype)
+
+        @functools.wraps(fn)
+        def run(x, *args):
+            if not tf.executing_eagerly() or _size(x) < _LARGE:
+                return fn(x, *args)
+            tensors = [x] + [a for a in args if tf.is_tensor(a)]
+            specs = tuple(spec(t) for t in tensors)
+            # The Python arguments, with a placeholder where a tensor goes.
+            layout = tuple(_TENSOR if tf.is_tensor(a) else a for a in args)
+            if specs + layout not in graphs:
+
+                def call(x, *tensor_args, layout=layout):
+                    supplied = iter(tensor_args)
+                    return fn(
+                        x, *(next(supplied) if a is _TENSOR else a for a in layout)
+                    )
+
+                graph = tf.function(call, input_signature=specs, autograph=False)
+                graphs[specs + layout] = graph
+            return graphs[specs + layout](*tensors)
+
+        run.graphs = graphs  # for a look at what was traced
+        return run
+
+    def scan(self, step, carry, xs):
+        # Keras' TensorFlow scan shapes its outputs like its carry, so a
+        # traced scan is a `tf.while_loop` over TensorArrays here.
+        if tf.executing_eagerly():
+            return super().scan(step, carry, xs)
+        length = xs[0].shape[0]
+        if length is None:  # traced with an unknown batch size
+            length = tf.shape(xs[0])[0]
+        inputs = [tf.TensorArray(x.dtype, size=length).unstack(x) for x in xs]
+        # The outputs' shapes from one traced step.
+        _, first = step(carry, tuple(x[0] for x in xs))
+        outputs = [
+            tf.TensorArray(y.dtype, size=length, element_shape=y.shape) for y in first
+        ]
+
+        def body(i, carry, outputs):
+            carry, y = step(carry, tuple(x.read(i) for x in inputs))
+            written = [o.write(i, v) for o, v in zip(outputs, y, strict=True)]
+            return i + 1, carry, written
+
+        # One step at a time: TensorFlow would otherwise run ten side by
+        # side, each with its own temporaries.
+        _, carry, outputs = tf.while_loop(
+            lambda i, *_: i < length, body, (0, carry, outputs), parallel_iterations=1
+        )
+        return carry, tuple(o.stack() for o in outputs)
+
+    def fori_loop(self, lower, upper, body, carry):
+        # Keras' loop lets ten iterations run side by side, each holding its
+        # own temporaries (a block of attention's scores). Two keep a 2-core
+        # CPU busy: one at a time took 1.3x as long.
+        _, carry = tf.while_loop(
+            lambda i, _: i < upper,
+            lambda i, carry: (i + 1, body(i, carry)),
+            (lower, carry),
+            parallel_iterations=2,
+        )
+        return carry
+
+    def may_differentiate(self, tensor) -> bool:
+        # Eagerly, only while a tape or forward accumulator may record.
+        if not tf.executing_eagerly():
+            return True
+        return _keras_internals.tape_could_record()
+
+    def has_reverse_rules(self) -> bool:
+        return True
+
+    def with_reverse_rule(self, forward, backward, *inputs):
+        """`forward(*inputs)`, differentiated in reverse mode by `backward`.
+
+        `backward(*inputs, outputs)` returns the function that maps an
+        upstream gradient to one gradient per input. The fused path's
+        branch is a `tf.cond` in a graph, whose own derivative would cost a
+        gradient about 10% more. TensorFlow derives forward mode by
+        differentiating the rule in its (linear) upstream, and higher
+        orders by differentiating the rule itself, so `backward` must be
+        written with differentiable ops that stay finite.
+        """
+        if not any(self.may_differentiate(t) for t in inputs):
+            return forward(*inputs)
+
+        @tf.custom_gradient
+        def rule(*inputs):
+            outputs = forward(*inputs)
+            vjp = backward(*inputs, outputs)
+
+            def grad(upstream):
+                grads = vjp(upstream)
+                return grads if len(inputs) > 1 else grads[0]
+
+            return outputs, grad
+
+        return rule(*inputs)
+
+    def custom_vjp(
+        self, forward, backward, *, forward_for_derivative=None, saves_outputs=False
+    ):
+        """`tf.custom_gradient`, its forward pass unrecorded."""
+
+        def run(*inputs):
+            # A tape records only while one is open, traced or eager; a
+            # derivative of a `tf.function` traced without one still works,
+            # through `backward` with what `forward` saved.
+            recording = _keras_internals.tape_could_record()
+            chosen = forward_for_derivative if recording else None
+            return _with_gradient(
+                chosen or forward, backward, saves_outputs, inputs, self.to_tensor
+            )
+
+        return run
+
+
+def _with_gradient(forward, backward, saves_outputs, inputs, to_tensor):
+    @tf.custom_gradient
+    def rule(*inputs):
+        # Unrecorded: a tape would make the loops inside keep every step's
+        # intermediates for a derivative the rule replaces.
+        with _keras_internals.tape_stop_recording():
+            outputs, saved = forward(*inputs)
+        kept = (outputs, *saved) if saves_outputs else saved
+
+        def grad(upstream):
+            return list(backward(inputs, kept, upstream))
+
+        return outputs, grad
+
+    return rule(*(to_tensor(x) for x in inputs))
+
+
+def _size(x):
+    size = 1
+    for n in x.shape:
+        size *= n
+    return size
+
+
+EDGE = TensorFlowEdge()

@@ -1,0 +1,162 @@
+"""PyTorch's edge (PyTorch 2.13, Keras 3.15): eager ops one at a time,
+float64 kept where Keras would compute it in float32, and `torch.func`'s
+transforms respected."""
+
+import numpy as np
+import torch
+
+from keras_softmax import _keras_internals
+from keras_softmax._backend.base import Edge
+
+
+class TorchEdge(Edge):
+    def takes_fused_path(self, x) -> bool:
+        # Eager calls run op by op; under `torch.compile` or `torch.func`
+        # the tensors cannot be read to branch on.
+        return self.is_concrete(x)
+
+    def keras_attention_is_exact(self, dtype: str, key_size, value_size) -> bool:
+        # Keras' attention returns float32 for float64 inputs.
+        return dtype != "float64"
+
+    def may_have_flash_kernel(self, tensor) -> bool:
+        # Keras 3.15 has none on a CPU: asking only fails.
+        return tensor.device.type != "cpu"
+
+    def sdpa_serves(self, tensors) -> bool:
+        # A CPU and eager calls (a traced one would freeze the choice); not
+        # float64, where derivatives are checked (the kernel has no second
+        # derivative), nor forward mode or `torch.func` (no rules for them).
+        if tensors[0].dtype == torch.float64:
+            return False
+        if any(t.device.type != "cpu" or not self.is_concrete(t) for t in tensors):
+            return False
+        return not _keras_internals.torch_forward_mode_active()
+
+    def is_concrete(self, tensor) -> bool:
+        # A traced value (torch.jit.trace, the ONNX exporter) read now would
+        # be frozen into the trace.
+        return not (
+            torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or _keras_internals.is_functorch_wrapped(tensor)
+        )
+
+    def static_shape(self, x) -> tuple:
+        # PyTorch's tracer traces sizes as tensors: branching on one would
+        # freeze the example's size into the trace.
+        if torch.jit.is_tracing():
+            return (None,) * len(x.shape)
+        return tuple(x.shape)
+
+    def read(self, tensor) -> np.ndarray:
+        # Not Keras' `convert_to_numpy`, which calls `np.array` on the
+        # tensor: NumPy 2 makes that warn on every call.
+        if isinstance(tensor, torch.Tensor):
+            return tensor.detach().cpu().numpy()
+        return super().read(tensor)
+
+    def reduce_max(self, x, axis=None, keepdims=False):
+        # Keras' maximum breaks `torch.compile`'s graph.
+        if axis is None:
+            return torch.amax(x)
+        return torch.amax(x, dim=axis, keepdim=keepdims)
+
+    def matmul(self, a, b):
+        # Keras' `result_type` of two torch float64 dtypes is float32.
+        return torch.matmul(a, b)
+
+    def maximum(self, a, b):
+        return torch.maximum(a, b)  # as `matmul`
+
+    def power_of_two(self, exponent, dtype: str):
+        # Keras' `ldexp` (3.15) returns float32 for float64, and PyTorch's
+        # raises 2 to an integer power in integers: `pow` of floats is exact.
+        two = torch.full_like(exponent, 2.0, dtype=getattr(torch, dtype))
+        return torch.pow(two, exponent.to(two.dtype))
+
+    def add_matmul(self, total, a, b):
+        # In place on eager tensors: eager PyTorch would otherwise hold the
+        # product and the new sum beside the old one, three copies of a
+        # large vocabulary's kernel gradient. Not under `torch.func`: a
+        # vmapped operand cannot be added into `total`.
+        concrete = all(map(self.is_concrete, (total, a, b)))
+        if concrete and not total.requires_grad:
+            return total.addmm_(a, b)
+        return total + self.matmul(a, b)
+
+    def slice_add(self, x, starts, update):
+        # Out of place through `slice_scatter`: Keras' `slice_update` assigns
+        # into a copy, which `torch.func.vmap` refuses when only the update
+        # is batched.
+        def added(x, axis):
+            if axis == x.dim():
+                return x + update
+            start, size = starts[axis], update.shape[axis]
+            if size == x.shape[axis]:
+                return added(x, axis + 1)
+            inner = added(x.narrow(axis, start, size), axis + 1)
+            return torch.slice_scatter(x, inner, axis, start, start + size)
+
+        return added(x, 0)
+
+    def loop_index(self, i):
+        # The loops are Python's, and Keras' slices take a fast path for ints.
+        return i if isinstance(i, int) else int(i)
+
+    def may_differentiate(self, tensor) -> bool:
+        # Eagerly, only with autograd recording it, a forward-mode dual, or
+        # a `torch.func` transform.
+        if not self.is_concrete(tensor):
+            return True
+        if getattr(tensor, "requires_grad", False) and torch.is_grad_enabled():
+            return True
+        return _keras_internals.torch_forward_mode_active()
+
+    def custom_vjp(
+        self, forward, backward, *, forward_for_derivative=None, saves_outputs=False
+    ):
+        """An `autograd.Function` in the form `torch.func` accepts."""
+        rule = _autograd_function(backward, saves_outputs)
+
+        def run(*inputs):
+            differentiated = forward_for_derivative and any(
+                self.may_differentiate(x) for x in inputs if x.is_floating_point()
+            )
+            chosen = forward_for_derivative if differentiated else forward
+            return rule.apply(chosen, *inputs)[0]
+
+        return run
+
+
+def _autograd_function(backward, saves_outputs):
+    """A `torch.autograd.Function` (`setup_context`, a generated vmap rule)
+    whose first argument is the forward pass to run."""
+
+    class Rule(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(chosen, *inputs):
+            outputs, saved = chosen(*inputs)
+            return (outputs, *saved)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            inputs = inputs[1:]
+            ctx.count = len(inputs)
+            # A PyTorch function cannot return its output twice to save it.
+            kept = output if saves_outputs else output[1:]
+            ctx.save_for_backward(*inputs, *kept)
+            ctx.mark_non_differentiable(*output[1:])
+
+        @staticmethod
+        def backward(ctx, upstream, *unused):
+            tensors = ctx.saved_tensors
+            inputs, saved = tensors[: ctx.count], tensors[ctx.count :]
+            return (None, *backward(inputs, saved, upstream))
+
+    return Rule
+
+
+EDGE = TorchEdge()
