@@ -36,6 +36,15 @@ from them (`mkdocs serve`, see the README).
 
 import importlib.metadata
 
+from keras_softmax import _extras
+
+# Keras imports its backend here (TensorFlow by default); where that is not
+# installed, the error names the extra that installs it.
+try:
+    importlib.import_module("keras")
+except ModuleNotFoundError as error:
+    _extras.raise_missing_backend(error)
+
 from keras_softmax import calibration
 from keras_softmax.attention import dot_product_attention
 from keras_softmax.head import StableSoftmaxHead

@@ -25,6 +25,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_softmax import _extras
 from keras_softmax import calibration
 from keras_softmax._temperature import check_temperature_value
 from keras_softmax.demo import cli
@@ -51,6 +52,7 @@ TOLERANCES = {
 
 def load_digits(seed: int):
     """Digits split 60/20/20 into train, validation and test, stratified."""
+    _extras.require("sklearn", "The demo's data set")
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
@@ -169,9 +171,10 @@ def main(argv=None) -> int:
 
     formats = [f for f in serving.FORMATS if _why_not_exported(f) is None]
     output_dir = pathlib.Path(args.output_dir)
-    paths = serving.save(stable, output_dir, NAME, formats)
-    # LiteRT's interpreter announces itself on stderr, in C++.
+    # TensorFlow's converters log each export on stderr, in C++, and LiteRT's
+    # interpreter announces itself there.
     with quiet.without_tensorflow_log_lines():
+        paths = serving.save(stable, output_dir, NAME, formats)
         differences = check_served(paths, stable, {INPUT_NAME: x_test})
     serving.write_manifest(
         output_dir,
@@ -264,12 +267,10 @@ def _why_not_exported(fmt):
     """None if `fmt` can be exported here, else the reason it cannot."""
     if fmt != "keras" and keras.backend.backend() != "tensorflow":
         return "exporting runs on the TensorFlow backend"
-    modules = {"onnx": ("tf2onnx", "onnxruntime"), "litert": ("ai_edge_litert",)}
     try:
-        for module in modules.get(fmt, ()):
-            __import__(module)
-    except ImportError:
-        return "pip install 'keras-softmax[export]'"
+        serving.check_installed(fmt)
+    except ModuleNotFoundError as error:
+        return str(error)
     return None
 
 

@@ -19,6 +19,7 @@ import sys
 
 import keras
 
+from keras_softmax import _extras
 from keras_softmax.demo import cli
 from keras_softmax.demo import digits
 
@@ -34,8 +35,7 @@ def data_parallel(devices: int):
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
-
+        tf = _extras.require("tensorflow", "tf.distribute")
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * devices

@@ -1,12 +1,20 @@
 """The demo's quiet output: TensorFlow's and LiteRT's C++ log lines held back.
 
-C++ code writes to file descriptor 2 itself, past `sys.stderr`: LiteRT's
-interpreter announces itself there each time the demo serves a `.tflite`
-file. `without_tensorflow_log_lines` catches the descriptor for a block and
-writes back everything that is not such a log line (Python warnings, a
-traceback). TensorFlow's own start-up lines are written while
-`keras_softmax` imports Keras, before any line of the demo runs, and the
-library leaves them alone: a library does not silence its user's logs.
+C++ code writes to file descriptor 2 itself, past `sys.stderr`: TensorFlow's
+converters as the demo exports, LiteRT's interpreter each time it serves a
+`.tflite` file. `without_tensorflow_log_lines` catches the descriptor for a
+block and writes back everything that is not such a log line (Python
+warnings, a traceback).
+
+TensorFlow's start-up lines (TensorFlow 2.21: three per shared library, two
+libraries) are absl's, written before its logging is set up, so
+`TF_CPP_MIN_LOG_LEVEL` does not hide them, even when set before Python
+starts; only catching the descriptor while TensorFlow is imported does. That
+import happens in `keras_softmax/__init__.py` (Keras, to register the
+activation names), which Python runs before any module of the demo, for
+`python -m keras_softmax.demo` and the `keras-softmax-demo` script alike, and
+the library leaves its user's logs alone. So they reach stderr; `2>/dev/null`
+hides them.
 """
 
 import contextlib

@@ -6,7 +6,10 @@ so that a test or the demo can compare the result with the Keras model. The
 first must load with `safe_mode=True` after importing only keras_softmax,
 the second must serve without keras_softmax at all. The manifest written
 beside the artefacts records their sha256, so a truncated or tampered file
-is refused with a clear error instead of being loaded.
+is refused with a clear error instead of being loaded. A SavedModel needs
+TensorFlow on any backend, and the demo exports ONNX and LiteRT from the
+TensorFlow backend: without what a format needs, exporting or serving it
+raises a `ModuleNotFoundError` that names the extra to install.
 """
 
 import hashlib
@@ -20,6 +23,7 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
+from keras_softmax import _extras
 from keras_softmax.demo.fresh_process import run_python
 
 FORMATS = ("keras", "saved_model", "onnx", "litert")
@@ -29,6 +33,15 @@ _SUFFIXES = {
     "onnx": ".onnx",
     "litert": ".tflite",
 }
+# What each format needs besides Keras, exported on the TensorFlow backend
+# and served back. A SavedModel is TensorFlow's on any backend.
+_NEEDS = {
+    "keras": (),
+    "saved_model": ("tensorflow",),
+    "onnx": ("tensorflow", "tf2onnx", "onnxruntime"),
+    "litert": ("tensorflow", "ai_edge_litert"),
+}
+_TITLES = {"saved_model": "SavedModel", "onnx": "ONNX", "litert": "LiteRT"}
 
 
 class ArtifactError(ValueError):
@@ -40,15 +53,32 @@ def artifact_path(directory, name: str, fmt: str) -> pathlib.Path:
     return pathlib.Path(directory) / f"{name}{_SUFFIXES[fmt]}"
 
 
+def check_installed(fmt: str):
+    """Raises unless what `fmt` needs, exported on TensorFlow and served, is installed.
+
+    Raises:
+        ModuleNotFoundError: naming the extra to install: `tensorflow` for
+            the SavedModel, `export` for ONNX (tf2onnx, onnxruntime) and
+            LiteRT (ai-edge-litert).
+    """
+    for module in _NEEDS[fmt]:
+        _extras.require(module, f"{_TITLES[fmt]} export")
+
+
 def save(model: keras.Model, directory, name: str, formats=FORMATS) -> dict:
     """Saves `model` in each of `formats`; returns {format: path}.
 
-    ONNX needs the `export` extra (tf2onnx, onnxruntime) and LiteRT needs
-    ai-edge-litert to run; `model.export` does the conversion for both.
+    `model.export` converts to every format but `.keras`; see
+    `check_installed` for what each needs.
     """
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"`formats` must be among {FORMATS}. Received: {formats}")
+    for fmt in formats:
+        # Other backends export ONNX and LiteRT without TensorFlow (Keras
+        # converts through torch.onnx or litert-torch), never a SavedModel.
+        if keras.backend.backend() == "tensorflow" or fmt == "saved_model":
+            check_installed(fmt)
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -84,6 +114,7 @@ def predict_keras_fresh(path, inputs: dict) -> np.ndarray:
 
 def predict_saved_model_fresh(path, inputs: dict) -> np.ndarray:
     """Serves a SavedModel's `serve` signature in a process without keras_softmax."""
+    _extras.require("tensorflow", "Serving a SavedModel")
     return _predict_in_fresh_process(
         """
         import sys
@@ -101,6 +132,7 @@ def predict_saved_model_fresh(path, inputs: dict) -> np.ndarray:
 
 def predict_tfsm_layer(path, inputs: dict) -> np.ndarray:
     """Serves a SavedModel through `keras.layers.TFSMLayer`."""
+    _extras.require("tensorflow", "keras.layers.TFSMLayer")
     layer = keras.layers.TFSMLayer(str(path), call_endpoint="serve")
     # The endpoint takes the inputs by position, in the model's order.
     arrays = list(inputs.values())
@@ -109,8 +141,7 @@ def predict_tfsm_layer(path, inputs: dict) -> np.ndarray:
 
 def predict_onnx(path, inputs: dict) -> np.ndarray:
     """Runs an ONNX file in onnxruntime."""
-    import onnxruntime
-
+    onnxruntime = _extras.require("onnxruntime", "Serving an ONNX file")
     session = onnxruntime.InferenceSession(
         str(path), providers=["CPUExecutionProvider"]
     )
@@ -119,9 +150,8 @@ def predict_onnx(path, inputs: dict) -> np.ndarray:
 
 def predict_litert(path, inputs: dict) -> np.ndarray:
     """Runs a `.tflite` file in the LiteRT interpreter."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
+    litert = _extras.require("ai_edge_litert.interpreter", "Serving a LiteRT file")
+    interpreter = litert.Interpreter(model_path=str(path))
     details = interpreter.get_input_details()
     # LiteRT names an input "serving_default_<name>:0".
     arrays = [inputs[_litert_input_name(d["name"])] for d in details]
@@ -262,6 +292,10 @@ def _package_version():
 
 
 def _tensorflow_version():
-    import tensorflow as tf
-
+    # None where TensorFlow is not installed, as on PyTorch or JAX: then
+    # nothing was exported with it.
+    try:
+        import tensorflow as tf
+    except ModuleNotFoundError:
+        return None
     return tf.__version__
