@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 import numpy as np  # noqa: E402
-from reference import softmax  # noqa: E402
+from support.references import softmax  # noqa: E402
 
 from keras_softmax.calibration import expected_calibration_error  # noqa: E402
 from keras_softmax.calibration import fit_temperature  # noqa: E402

@@ -5,20 +5,20 @@ from unittest import mock
 import keras
 import numpy as np
 import pytest
-from attention_reference import attention as reference_attention
-from attention_reference import live_queries
-from attention_reference import output_tolerance
-from attention_reference import small_blocks
-from backends import BACKEND
-from backends import compiled
-from backends import gradient
-from backends import jacobian
-from backends import traced
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from reference import numerical_jacobian
-from reference import to_numpy
+from support.backends import BACKEND
+from support.backends import compiled
+from support.backends import gradient
+from support.backends import jacobian
+from support.backends import traced
+from support.blocks import small_blocks
+from support.references import attention as reference_attention
+from support.references import live_queries
+from support.references import numerical_jacobian
+from support.references import output_tolerance
+from support.references import to_numpy
 
 from keras_softmax import dot_product_attention
 

@@ -3,7 +3,7 @@
 Every result is checked against an independent reference written here: a
 plain loop for the calibration error, a grid search for the temperature,
 and data drawn from a known temperature (the softmax is the suite's float64
-one, `tests/reference.py`). The metric gets the checks Keras gives its own
+one, `tests/support/references.py`). The metric gets the checks Keras gives its own
 metrics: config round trip, `reset_state`, batched against unbatched.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from reference import softmax as reference_softmax
+from support.references import softmax as reference_softmax
 
 import keras_softmax
 from keras_softmax import StableSoftmax

@@ -9,9 +9,9 @@ from typing import NamedTuple
 import keras
 import numpy as np
 import pytest
-from backends import BACKEND
-from backends import exports
-from backends import once
+from support.backends import BACKEND
+from support.backends import exports
+from support.backends import once
 
 from keras_softmax import StableSoftmax
 from keras_softmax.demo import digits

@@ -3,7 +3,7 @@
 Each subject is a function of one float64 vector (logits, and a tensor
 temperature where it has one; queries, keys and values for attention),
 with masks, a fully masked slice and infinite logits. Every transform the
-backend offers (tests/backends.py: reverse and forward mode, Jacobians,
+backend offers (tests/support/backends.py: reverse and forward mode, Jacobians,
 Hessians, vmap, torch.func, compiled) must give its central differences,
 and exactly 0 for a derivative in an infinite input.
 """
@@ -13,15 +13,15 @@ import functools
 import keras
 import numpy as np
 import pytest
-from attention_reference import small_blocks
-from backends import BACKEND
-from backends import FIRST_ORDER
-from backends import REVERSE_MODE
-from backends import SECOND_ORDER
-from backends import compiled
-from backends import traced
-from reference import numerical_jacobian
-from reference import to_numpy
+from support.backends import BACKEND
+from support.backends import FIRST_ORDER
+from support.backends import REVERSE_MODE
+from support.backends import SECOND_ORDER
+from support.backends import compiled
+from support.backends import traced
+from support.blocks import small_blocks
+from support.references import numerical_jacobian
+from support.references import to_numpy
 
 from keras_softmax import StableMultiHeadAttention
 from keras_softmax import StableSoftmax

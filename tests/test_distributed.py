@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from backends import BACKEND
+from support.backends import BACKEND
 
 from keras_softmax import demo
 from keras_softmax.demo.fresh_process import check_python

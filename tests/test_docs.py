@@ -9,7 +9,7 @@ out of the reference, and that the README's example still works.
 import pathlib
 import re
 
-from backends import once
+from support.backends import once
 
 import keras_softmax
 from keras_softmax import calibration

@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from reference import assert_close_to_reference
-from reference import log_softmax as reference_log_softmax
-from reference import softmax as reference_softmax
-from reference import to_numpy
+from support.references import assert_close_to_reference
+from support.references import log_softmax as reference_log_softmax
+from support.references import softmax as reference_softmax
+from support.references import to_numpy
 
 from keras_softmax import stable_log_softmax
 from keras_softmax import stable_softmax

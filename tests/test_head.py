@@ -6,9 +6,9 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from backends import BACKEND
-from backends import exports
-from reference import to_numpy
+from support.backends import BACKEND
+from support.backends import exports
+from support.references import to_numpy
 
 import keras_softmax
 from keras_softmax import StableSoftmax

@@ -7,14 +7,14 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from backends import BACKEND
-from backends import compiled
-from backends import gradient
-from backends import traced
-from reference import assert_close_to_reference
-from reference import log_softmax as reference_log_softmax
-from reference import softmax as reference_softmax
-from reference import to_numpy
+from support.backends import BACKEND
+from support.backends import compiled
+from support.backends import gradient
+from support.backends import traced
+from support.references import assert_close_to_reference
+from support.references import log_softmax as reference_log_softmax
+from support.references import softmax as reference_softmax
+from support.references import to_numpy
 
 import keras_softmax
 from keras_softmax import StableSoftmax

@@ -18,8 +18,8 @@ import unittest
 import keras
 import numpy as np
 import pytest
-from backends import BACKEND
 from keras.src import testing
+from support.backends import BACKEND
 
 import keras_softmax
 from keras_softmax import StableSoftmax

@@ -9,13 +9,13 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from backends import BACKEND
-from backends import compiled
-from backends import gradient
-from backends import traced
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import to_numpy
+from support.backends import BACKEND
+from support.backends import compiled
+from support.backends import gradient
+from support.backends import traced
+from support.references import to_numpy
 
 from keras_softmax import linear_cross_entropy
 from keras_softmax.demo.fresh_process import check_python

@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from backends import BACKEND
+from support.backends import BACKEND
 
 from keras_softmax.demo.fresh_process import check_python
 

@@ -3,15 +3,15 @@
 import keras
 import numpy as np
 import pytest
-from backends import gradient
-from backends import jacobian
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from reference import assert_close_to_reference
-from reference import numerical_jacobian
-from reference import softmax as reference_softmax
-from reference import to_numpy
+from support.backends import gradient
+from support.backends import jacobian
+from support.references import assert_close_to_reference
+from support.references import numerical_jacobian
+from support.references import softmax as reference_softmax
+from support.references import to_numpy
 
 from keras_softmax import stable_log_softmax
 from keras_softmax import stable_softmax

@@ -3,12 +3,12 @@
 import keras
 import numpy as np
 import pytest
-from attention_reference import attention as reference_attention
-from attention_reference import small_blocks
-from backends import BACKEND
-from backends import exports
-from reference import FLOAT32_EPS
-from reference import to_numpy
+from support.backends import BACKEND
+from support.backends import exports
+from support.blocks import small_blocks
+from support.references import FLOAT32_EPS
+from support.references import attention as reference_attention
+from support.references import to_numpy
 
 import keras_softmax
 from keras_softmax import StableMultiHeadAttention

@@ -11,7 +11,7 @@ import importlib.resources
 import pathlib
 import pkgutil
 
-from backends import once
+from support.backends import once
 
 import keras_softmax
 from keras_softmax.demo.fresh_process import check_python

@@ -13,12 +13,12 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from backends import BACKEND
-from backends import compiled
-from backends import gradient
-from backends import traced
-from reference import numerical_jacobian
-from reference import to_numpy
+from support.backends import BACKEND
+from support.backends import compiled
+from support.backends import gradient
+from support.backends import traced
+from support.references import numerical_jacobian
+from support.references import to_numpy
 
 from keras_softmax import _backend
 from keras_softmax import softmax as core

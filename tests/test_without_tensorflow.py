@@ -14,9 +14,9 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from backends import BACKEND
-from backends import exports
-from backends import once
+from support.backends import BACKEND
+from support.backends import exports
+from support.backends import once
 
 from keras_softmax import _extras
 from keras_softmax.demo import digits
