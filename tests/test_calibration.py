@@ -653,9 +653,15 @@ def test_calibrate_reads_the_output_of_a_logits_model_as_logits():
     x, y = blobs(np.random.default_rng(11), 200)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
     logits = model.predict(x, verbose=0)
+    assert_calibrates_to_fitted_temperature(model, x, y, logits, rel=1e-6)
+
+
+def assert_calibrates_to_fitted_temperature(model, x, y, logits, rel):
+    """`calibrate(model, x, y)` ends in the temperature `fit_temperature` fits
+    to `logits`, and predicts their softmax at that temperature."""
     calibrated = calibrate(model, x, y)
     temperature = calibrated.layers[-1].temperature
-    assert temperature == pytest.approx(fit_temperature(logits, y), rel=1e-6)
+    assert temperature == pytest.approx(fit_temperature(logits, y), rel=rel)
     np.testing.assert_allclose(
         calibrated.predict(x, verbose=0),
         reference_softmax(logits / temperature),
@@ -737,14 +743,7 @@ def test_a_stable_softmax_head_gives_its_logits_and_calibrates(trained, temperat
         atol=1e-6,
     )
     # Calibrating replaces the head's temperature with the fitted one.
-    calibrated = calibrate(copy, x_val, y_val)
-    fitted = calibrated.layers[-1].temperature
-    assert fitted == pytest.approx(fit_temperature(logits, y_val), rel=1e-5)
-    np.testing.assert_allclose(
-        calibrated.predict(x_val, verbose=0),
-        reference_softmax(logits / fitted),
-        atol=1e-6,
-    )
+    assert_calibrates_to_fitted_temperature(copy, x_val, y_val, logits, rel=1e-5)
 
 
 def two_output_model():
