@@ -1,5 +1,6 @@
 """Inside Keras: activation names, masks, saving, loss fusion, dtypes, training."""
 
+import inspect
 import json
 import textwrap
 import warnings
@@ -384,8 +385,23 @@ def test_private_apis_relied_on_are_where_they_were_checked():
     layer(x, x)  # built, so that every member exists
     for member in _keras_internals.MULTI_HEAD_ATTENTION_MEMBERS:
         assert hasattr(layer, member), member
+    symbolic = keras.Input((3,))
+    dense = keras.layers.Dense(2)
+    assert _keras_internals.operation_of(dense(symbolic)) is dense
     if BACKEND == "tensorflow":
+        # Keras' TensorFlow losses read `_keras_logits` of probabilities.
+        from keras.src.backend.tensorflow import nn as tensorflow_nn
+
+        source = inspect.getsource(tensorflow_nn)
+        assert 'hasattr(output, "_keras_logits")' in source
         assert _keras_internals.in_xla_context() is False
         assert isinstance(_keras_internals.tape_could_record(), bool)
     if BACKEND == "torch":
+        import torch
+
         assert _keras_internals.torch_forward_mode_active() is False
+        assert _keras_internals.is_functorch_wrapped(torch.ones(2)) is False
+        wrapped = torch.func.vmap(
+            lambda t: torch.tensor(_keras_internals.is_functorch_wrapped(t))
+        )(torch.ones(2))
+        assert bool(wrapped.all())

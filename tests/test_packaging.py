@@ -85,3 +85,59 @@ def test_importing_the_library_loads_no_module_of_the_demo():
         "print(sorted(m for m in sys.modules if m.startswith('keras_softmax.demo')))",
     )
     assert loaded.split()[-1] == "[]"
+
+
+def _imported_modules(path):
+    tree = ast.parse(path.read_text())
+    return {
+        alias.name if isinstance(node, ast.Import) else node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+
+
+def test_only_the_tensorflow_edge_and_the_ledger_import_tensorflow():
+    allowed = {
+        LIBRARY / "_backend" / "tensorflow.py",
+        LIBRARY / "_keras_internals.py",
+        # tf.distribute's replica count for the head's fused loss.
+        LIBRARY / "head.py",
+    }
+    importers = {
+        path
+        for path in _library_sources()
+        if any(m.split(".")[0] == "tensorflow" for m in _imported_modules(path))
+    }
+    assert importers <= allowed, sorted(map(str, importers - allowed))
+    assert LIBRARY / "_backend" / "tensorflow.py" in importers
+
+
+def test_every_framework_edge_offers_the_whole_surface():
+    from keras_softmax import _backend
+    from keras_softmax._backend import base
+
+    for module in ("tensorflow", "jax", "torch"):
+        edge = importlib.import_module(f"keras_softmax._backend.{module}").EDGE
+        assert isinstance(edge, base.Edge), module
+        for name in base.SURFACE:
+            assert callable(getattr(edge, name)), (module, name)
+    assert isinstance(_backend.edge(), base.Edge)
+    assert _backend.scan.__self__ is _backend.edge()
+
+
+def test_the_edge_follows_the_backend_keras_reports(monkeypatch):
+    import keras
+
+    from keras_softmax import _backend
+
+    here = _backend.edge()
+    names = {"tensorflow": "TensorFlowEdge", "jax": "JaxEdge", "torch": "TorchEdge"}
+    for name, edge in names.items():
+        monkeypatch.setattr(keras.backend, "backend", lambda name=name: name)
+        assert type(_backend.edge()).__name__ == edge
+        assert _backend.is_concrete.__self__ is _backend.edge()
+    monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
+    assert type(_backend.edge()) is _backend.Edge  # Keras' own answers
+    monkeypatch.undo()
+    assert _backend.edge() is here
