@@ -19,6 +19,9 @@ from keras.src import activations as _keras_activations  # 3.15
 from keras.src.backend import get_keras_mask  # noqa: F401 (3.15)
 from keras.src.backend import set_keras_mask  # noqa: F401 (3.15)
 
+# Divides a loss by tf.distribute's replicas, as Keras' mean reductions are.
+from keras.src.losses.loss import scale_loss_for_distribution  # noqa: F401 (3.15)
+
 # What `StableMultiHeadAttention` overrides or reads of its base class,
 # `keras.layers.MultiHeadAttention` (Keras 3.15).
 MULTI_HEAD_ATTENTION_MEMBERS = (

@@ -159,7 +159,9 @@ class _HeadCrossEntropy(keras.losses.Loss):
         # Unweighted, Keras' every mean divides by the positions that
         # `ignore_class` leaves, "mean_with_sample_weight" too.
         loss = self._cross_entropy(y_true, y_pred, "sum_over_batch_size")
-        return _scaled_for_replicas(loss)
+        # A mean over tf.distribute's replicas, whose gradients add up, as
+        # Keras scales its own mean reductions.
+        return _keras_internals.scale_loss_for_distribution(loss)
 
     def call(self, y_true, y_pred):
         ignore_class = self.options["ignore_class"]
@@ -202,22 +204,6 @@ class _HeadCrossEntropy(keras.losses.Loss):
             "A `StableSoftmaxHead`'s loss holds the head: load the model with "
             "`compile=False`, then compile it again with `loss=head.loss()`."
         )
-
-
-def _scaled_for_replicas(loss):
-    """A mean loss over `tf.distribute`'s replicas, whose gradients add up.
-
-    Keras scales its mean reductions so (`scale_loss_for_distribution` in
-    keras/src/losses/loss.py, 3.15).
-    """
-    if keras.backend.backend() != "tensorflow":
-        return loss
-    import tensorflow as tf
-
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas == 1:
-        return loss
-    return ops.multiply(loss, ops.cast(1.0 / replicas, loss.dtype))
 
 
 def _labels(y_true, y_pred):

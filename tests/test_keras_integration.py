@@ -388,6 +388,7 @@ def test_private_apis_relied_on_are_where_they_were_checked():
     symbolic = keras.Input((3,))
     dense = keras.layers.Dense(2)
     assert _keras_internals.operation_of(dense(symbolic)) is dense
+    assert callable(_keras_internals.scale_loss_for_distribution)
     if BACKEND == "tensorflow":
         # Keras' TensorFlow losses read `_keras_logits` of probabilities.
         from keras.src.backend.tensorflow import nn as tensorflow_nn

@@ -101,8 +101,6 @@ def test_only_the_tensorflow_edge_and_the_ledger_import_tensorflow():
     allowed = {
         LIBRARY / "_backend" / "tensorflow.py",
         LIBRARY / "_keras_internals.py",
-        # tf.distribute's replica count for the head's fused loss.
-        LIBRARY / "head.py",
     }
     importers = {
         path
