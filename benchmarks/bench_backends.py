@@ -21,6 +21,8 @@ import os
 import subprocess
 import sys
 
+from _memory import extra_peak_mib
+from _memory import in_fresh_process
 from _timing import TABLE_HEADER
 from _timing import interleaved_medians
 from _timing import logits_and_mask
@@ -157,6 +159,81 @@ def torch_cases():
     return (lambda out: out), cases, names
 
 
+# bfloat16 on PyTorch (issue 28): its fused kernels accumulate in float32,
+# so ours runs on the bfloat16 tensor itself, with no float32 copy.
+HALF_SHAPE = (4096, 16384)
+
+
+def _half_data(masked):
+    import torch
+
+    x, mask = logits_and_mask(HALF_SHAPE)
+    x = torch.from_numpy(x).to(torch.bfloat16)
+    return (x, torch.from_numpy(mask)) if masked else (x,)
+
+
+def _half_contenders():
+    import torch
+
+    import keras_softmax
+
+    return {
+        "ours": lambda x: keras_softmax.stable_softmax(x),
+        "native": lambda x: torch.softmax(x, dim=-1),
+        "ours masked": lambda x, m: keras_softmax.stable_softmax(x, mask=m),
+        "native masked": lambda x, m: torch.softmax(
+            x.masked_fill(~m, float("-inf")), dim=-1
+        ),
+    }
+
+
+def half_cases():
+    """Time rows: bfloat16 against `torch.softmax`, plain and masked."""
+    fns = _half_contenders()
+    plain, masked = _half_data(False), _half_data(True)
+    return [
+        (
+            f"eager, bfloat16, {list(HALF_SHAPE)}",
+            fns["ours"],
+            fns["native"],
+            plain,
+            1.3,
+        ),
+        (
+            "eager, bfloat16, masked",
+            fns["ours masked"],
+            fns["native masked"],
+            masked,
+            1.3,
+        ),
+    ]
+
+
+def half_memory_rows():
+    """Extra peak RSS of one call, each contender in a fresh process."""
+    rows = []
+    for case in ("", " masked"):
+        mib = {}
+        for who in ("ours", "native"):
+            mib[who] = in_fresh_process(__file__, ["--half-memory-of", who + case])
+            if isinstance(mib[who], str):
+                raise RuntimeError(f"measuring {who}{case}: {mib[who]}")
+        ratio = mib["ours"] / mib["native"]
+        verdict = " ✓" if ratio <= 1.2 else " ✗"
+        rows.append(
+            f"| torch: eager, bfloat16{case}, extra peak RSS (MiB) "
+            f"| {mib['ours']:.0f} | torch.softmax | {mib['native']:.0f} "
+            f"| {ratio:.2f}{verdict} | ≤ 1.2 |"
+        )
+    return rows
+
+
+def half_peak_mib(which):
+    fn = _half_contenders()[which]
+    data = _half_data("masked" in which)
+    return extra_peak_mib(lambda: fn(*data), lambda out: out)
+
+
 def small_calls_case(rounds):
     """A sampling loop on PyTorch: eager calls on [1, 32000]."""
     import torch
@@ -170,6 +247,8 @@ def run_backend(backend, rounds):
     sync, cases, (plain_name, masked_name) = (
         jax_cases() if backend == "jax" else torch_cases()
     )
+    if backend == "torch":
+        cases = cases + half_cases()
     for name, ours, native, data, target in cases:
         times = interleaved_medians(
             {
@@ -184,6 +263,8 @@ def run_backend(backend, rounds):
         print(row.replace("| ", f"| {backend}: ", 1), flush=True)
     if backend == "torch":
         print(small_calls_case(rounds).replace("| ", "| torch: ", 1), flush=True)
+        for row in half_memory_rows():
+            print(row, flush=True)
 
 
 def main(argv=None):
@@ -192,7 +273,11 @@ def main(argv=None):
     parser.add_argument(
         "--rounds", type=int, default=11, help="rounds per case (default 11)"
     )
+    parser.add_argument("--half-memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.half_memory_of:
+        print(half_peak_mib(args.half_memory_of))
+        return
     if args.backend:
         run_backend(args.backend, args.rounds)
         return

@@ -44,8 +44,9 @@ from keras_softmax import _masks
 from keras_softmax import _numerics
 from keras_softmax import _temperature
 
-# exp(t) is exactly 0 in these dtypes for every t below -_UNDERFLOW.
-_UNDERFLOW = {"float32": 104.0, "float64": 746.0}
+# exp(t) is exactly 0 in these dtypes for every t below -_UNDERFLOW. The
+# fused kernels that take half precision compute exp in float32.
+_UNDERFLOW = {"float32": 104.0, "float64": 746.0, "float16": 104.0, "bfloat16": 104.0}
 
 
 def stable_softmax(x, axis=-1, mask=None, temperature=1.0):
@@ -128,10 +129,11 @@ def _stable(x, axis, mask, temperature, log):
     """Checks the arguments, then takes the path this backend runs best."""
     if _any_symbolic(x, mask, temperature):
         return _symbolic(x, axis, mask, temperature, log)
-    x, output_dtype = _dtypes.to_compute_dtype(x)
+    x = _backend.to_tensor(x)
+    output_dtype = _dtypes.output_dtype(x.dtype)
+    dtype = _dtypes.compute_dtype(output_dtype)
     axis = _arguments.normalize_axis(axis, len(x.shape))
     shape = _backend.static_shape(x)
-    dtype = keras.backend.standardize_dtype(x.dtype)
     temperature = _temperature.normalize_temperature(
         temperature, dtype, shape, axis, per_slice=True
     )
@@ -155,12 +157,29 @@ def _stable(x, axis, mask, temperature, log):
         single = False
     # Where ops run one by one, a graph may be traced for an exporter.
     op_by_op = _backend.takes_fused_path(x)
+    in_half = (
+        single
+        and op_by_op
+        and t is None
+        and output_dtype in _dtypes.HALF_DTYPES
+        and _backend.half_kernels_accumulate_in_float32()
+    )
+    if not in_half:
+        # Half precision is computed in float32; integers in floatx.
+        x = _cast(x, dtype)
     read_logits = not log and _backend.losses_read_logits()
     if single and op_by_op:
         result = _fused(x, axis, keep, t, log, t_varies)
     else:
         result = _exact(
-            x, axis, keep, t, log, for_exporters=op_by_op, loss_logits=read_logits
+            x,
+            axis,
+            keep,
+            t,
+            log,
+            for_exporters=op_by_op,
+            loss_logits=read_logits,
+            t_varies=t_varies,
         )
     outputs = _cast(result.outputs, output_dtype)
     if read_logits:
@@ -188,8 +207,18 @@ def _fused(x, axis, keep, t, log, t_varies):
 
     The check is one small tensor (a value per slice at most), with a NaN
     exactly where the kernel's answer might not be exact, so that an eager
-    call reads a few numbers.
+    call reads a few numbers. Half-precision `x` (a kernel that accumulates
+    in float32, untempered) stays in its dtype; the exact formula, for the
+    rare slice, computes in float32.
     """
+    dtype = keras.backend.standardize_dtype(x.dtype)
+
+    def exact():
+        values = _cast(x, _dtypes.compute_dtype(dtype))
+        return _cast(
+            _exact(values, axis, keep, t, log, t_varies=t_varies).outputs, dtype
+        )
+
     if keep is None and t is None:
         # The kernel shifts by the maximum itself, and a special slice (a
         # NaN, +inf, or only -inf) gives a NaN among its outputs, which the
@@ -198,12 +227,9 @@ def _fused(x, axis, keep, t, log, t_varies):
         def witness(fast):
             return ops.sum(fast, axis=axis)
 
-        return _fused_kernel(
-            x, axis, witness, lambda: _exact(x, axis, keep, t, log).outputs, log
-        )
+        return _fused_kernel(x, axis, witness, exact, log)
 
-    dtype = keras.backend.standardize_dtype(x.dtype)
-    largest = float(np.finfo(dtype).max)
+    largest = -_dtypes.LOWEST[dtype]
     if keep is None:
         z = x
         top = _backend.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
@@ -241,7 +267,7 @@ def _fused(x, axis, keep, t, log, t_varies):
         logits,
         axis,
         lambda fast: check,
-        lambda: _exact(x, axis, keep, t, log).outputs,
+        exact,
         log,
         keep,
     )
@@ -330,7 +356,7 @@ def _division_vjp(shifted, t, logits):
     return vjp
 
 
-def _exact(x, axis, keep, t, log, for_exporters=True, loss_logits=False):
+def _exact(x, axis, keep, t, log, for_exporters=True, loss_logits=False, t_varies=True):
     """The exact formula: shift by the slice maximum, then divide.
 
     One formula for two readers. Compilers (XLA, JAX, `torch.compile`) fuse
@@ -364,7 +390,7 @@ def _exact(x, axis, keep, t, log, for_exporters=True, loss_logits=False):
     select = _Selection(valid, dtype, for_exporters)
     # For exporters, no inf to select away.
     bounded = ops.clip(x, -largest, largest) if for_exporters else x
-    logits = _shifted_logits(bounded, shift, t, select)
+    logits = _shifted_logits(bounded, shift, t, select, t_varies)
     exps = select.zero_elsewhere(ops.exp(logits))
     total = _sum(exps, axis)
     # A slice with nothing kept sums to 0: it becomes 0 / 1, or -inf. Not
@@ -438,20 +464,23 @@ def _nan_of_special_slices(x, top, t, axis, for_exporters):
     return nan
 
 
-def _shifted_logits(x, shift, t, select):
+def _shifted_logits(x, shift, t, select, t_varies):
     """`(x - shift) / t` where valid, and 0 (whose exp is discarded) elsewhere.
 
     The 0 keeps every derivative of a masked or -inf position finite (and
     zero), in any mode and to any order: the backend's own autodiff then
     needs no custom rule. With a temperature, halves cannot overflow in the
     subtraction, and halving both sides of the division rounds exactly as
-    the division itself.
+    the division itself. A temperature that varies (a tensor) divides
+    through `divide_by_temperature`, whose derivatives never square it; a
+    constant one plainly.
     """
     if t is None:
         return select.zero_elsewhere(x - shift)
-    return _numerics.divide_by_temperature(
-        select.zero_elsewhere(x / 2 - shift / 2), t / 2
-    )
+    halves = select.zero_elsewhere(x / 2 - shift / 2)
+    if t_varies:
+        return _numerics.divide_by_temperature(halves, t / 2)
+    return halves / (t / 2)
 
 
 def _nan_where_infinite(value):

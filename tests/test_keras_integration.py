@@ -12,6 +12,7 @@ from support.backends import BACKEND
 from support.backends import compiled
 from support.backends import traced
 from support.references import assert_close_to_reference
+from support.references import log_softmax as reference_log_softmax
 from support.references import softmax as reference_softmax
 from support.references import to_numpy
 
@@ -406,3 +407,57 @@ def test_private_apis_relied_on_are_where_they_were_checked():
             lambda t: torch.tensor(_keras_internals.is_functorch_wrapped(t))
         )(torch.ones(2))
         assert bool(wrapped.all())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("log", [False, True])
+def test_half_precision_masks_keep_exact_zeros_and_nan_slices(dtype, log):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(5, 9)) * 20
+    mask = rng.random((5, 9)) < 0.7
+    mask[1] = False  # nothing kept
+    x[2, 3] = np.nan  # a NaN shows in its slice, masked or not
+    mask[2, 3] = False
+    fn = stable_log_softmax if log else stable_softmax
+    out = fn(keras.ops.cast(x, dtype), mask=mask)
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    out = to_numpy(keras.ops.cast(out, "float32"))
+    halved = to_numpy(keras.ops.cast(keras.ops.cast(x, dtype), "float32"))
+    reference = reference_log_softmax if log else reference_softmax
+    expected = reference(halved.astype(np.float64), mask=mask)
+    assert np.all(np.isnan(out[2]))
+    out, expected, mask = (np.delete(a, 2, axis=0) for a in (out, expected, mask))
+    empty = -np.inf if log else 0.0
+    np.testing.assert_array_equal(out[~mask], empty)
+    np.testing.assert_array_equal(out[1], empty)
+    live = mask
+    ulp = 2.0**-10 if dtype == "float16" else 2.0**-7
+    np.testing.assert_allclose(out[live], expected[live], rtol=2 * ulp, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's kernels take bfloat16")
+@pytest.mark.parametrize("masked", [False, True])
+def test_pytorch_bfloat16_softmax_makes_no_float32_copy_of_its_input(masked):
+    """`torch.softmax` accumulates bfloat16 in float32 itself (issue 28)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = torch.randn(64, 512).to(torch.bfloat16)
+    mask = torch.rand(64, 512) < 0.8 if masked else None
+    full_float32 = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    if t.numel() >= x.numel():
+                        full_float32.append(str(func))
+            return out
+
+    with Watch():
+        out = stable_softmax(x, mask=mask)
+    assert out.dtype == torch.bfloat16
+    assert not full_float32, full_float32
+    expected = stable_softmax(x.float(), mask=mask).to(torch.bfloat16)
+    np.testing.assert_array_equal(to_numpy(out.float()), to_numpy(expected.float()))

@@ -16,6 +16,7 @@ SURFACE = (
     "cond_no_nan",
     "custom_vjp",
     "fori_loop",
+    "half_kernels_accumulate_in_float32",
     "has_reverse_rules",
     "is_concrete",
     "keras_attention_is_exact",
@@ -68,6 +69,11 @@ class Edge:
     def sdpa_serves(self, tensors) -> bool:
         """Whether PyTorch's `scaled_dot_product_attention` can run on
         `tensors` now with our semantics (see `attention._sdpa_attention`)."""
+        return False
+
+    def half_kernels_accumulate_in_float32(self) -> bool:
+        """Whether the backend's fused softmax kernels, given float16 or
+        bfloat16, accumulate in float32: then they need no float32 copy."""
         return False
 
     def losses_read_logits(self) -> bool:

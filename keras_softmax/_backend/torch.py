@@ -23,6 +23,11 @@ class TorchEdge(Edge):
         # Keras 3.15 has none on a CPU: asking only fails.
         return tensor.device.type != "cpu"
 
+    def half_kernels_accumulate_in_float32(self) -> bool:
+        # `torch.softmax` and `log_softmax` on float16 and bfloat16 compute
+        # in float32 (`acc_type`), on a CPU and a GPU alike (2.13).
+        return True
+
     def sdpa_serves(self, tensors) -> bool:
         # A CPU and eager calls (a traced one would freeze the choice); not
         # float64, where derivatives are checked (the kernel has no second
@@ -53,7 +58,10 @@ class TorchEdge(Edge):
         # Not Keras' `convert_to_numpy`, which calls `np.array` on the
         # tensor: NumPy 2 makes that warn on every call.
         if isinstance(tensor, torch.Tensor):
-            return tensor.detach().cpu().numpy()
+            tensor = tensor.detach().cpu()
+            if tensor.dtype == torch.bfloat16:  # which NumPy has not
+                tensor = tensor.float()
+            return tensor.numpy()
         return super().read(tensor)
 
     def reduce_max(self, x, axis=None, keepdims=False):
