@@ -42,6 +42,8 @@ def to_compute_dtype(x) -> Logits:
 
 def output_dtype(input_dtype) -> str:
     """The dtype the softmax returns for logits of `input_dtype`."""
+    if input_dtype in _FULL_DTYPES or input_dtype in HALF_DTYPES:
+        return input_dtype  # a standardised name already
     dtype = keras.backend.standardize_dtype(input_dtype)
     if dtype in _FULL_DTYPES or dtype in HALF_DTYPES:
         return dtype
@@ -53,7 +55,8 @@ def output_dtype(input_dtype) -> str:
 def compute_dtype(dtype) -> str:
     """The dtype that inputs of floating `dtype` are computed in: float32
     for half precision, else their own."""
-    dtype = keras.backend.standardize_dtype(dtype)
+    if dtype not in _FULL_DTYPES and dtype not in HALF_DTYPES:
+        dtype = keras.backend.standardize_dtype(dtype)
     return "float32" if dtype in HALF_DTYPES else dtype
 
 

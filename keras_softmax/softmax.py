@@ -129,11 +129,14 @@ def _stable(x, axis, mask, temperature, log):
     """Checks the arguments, then takes the path this backend runs best."""
     if _any_symbolic(x, mask, temperature):
         return _symbolic(x, axis, mask, temperature, log)
-    x = _backend.to_tensor(x)
-    output_dtype = _dtypes.output_dtype(x.dtype)
+    # The running backend's edge, asked once: small eager calls feel each ask.
+    edge = _backend.edge()
+    x = edge.to_tensor(x)
+    input_dtype = keras.backend.standardize_dtype(x.dtype)
+    output_dtype = _dtypes.output_dtype(input_dtype)
     dtype = _dtypes.compute_dtype(output_dtype)
     axis = _arguments.normalize_axis(axis, len(x.shape))
-    shape = _backend.static_shape(x)
+    shape = edge.static_shape(x)
     temperature = _temperature.normalize_temperature(
         temperature, dtype, shape, axis, per_slice=True
     )
@@ -156,18 +159,18 @@ def _stable(x, axis, mask, temperature, log):
         )
         single = False
     # Where ops run one by one, a graph may be traced for an exporter.
-    op_by_op = _backend.takes_fused_path(x)
+    op_by_op = edge.takes_fused_path(x)
     in_half = (
         single
         and op_by_op
         and t is None
         and output_dtype in _dtypes.HALF_DTYPES
-        and _backend.half_kernels_accumulate_in_float32()
+        and edge.half_kernels_accumulate_in_float32()
     )
-    if not in_half:
+    if not in_half and input_dtype != dtype:
         # Half precision is computed in float32; integers in floatx.
-        x = _cast(x, dtype)
-    read_logits = not log and _backend.losses_read_logits()
+        x = ops.cast(x, dtype)
+    read_logits = not log and edge.losses_read_logits()
     if single and op_by_op:
         result = _fused(x, axis, keep, t, log, t_varies)
     else:
@@ -181,7 +184,9 @@ def _stable(x, axis, mask, temperature, log):
             loss_logits=read_logits,
             t_varies=t_varies,
         )
-    outputs = _cast(result.outputs, output_dtype)
+    outputs = result.outputs
+    if not in_half and output_dtype != dtype:
+        outputs = ops.cast(outputs, output_dtype)
     if read_logits:
         logits = _cast(result.logits, output_dtype)
         _keras_internals.attach_loss_logits(outputs, logits)
@@ -211,6 +216,7 @@ def _fused(x, axis, keep, t, log, t_varies):
     in float32, untempered) stays in its dtype; the exact formula, for the
     rare slice, computes in float32.
     """
+    edge = _backend.edge()
     dtype = keras.backend.standardize_dtype(x.dtype)
 
     def exact():
@@ -232,7 +238,7 @@ def _fused(x, axis, keep, t, log, t_varies):
     largest = -_dtypes.LOWEST[dtype]
     if keep is None:
         z = x
-        top = _backend.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
+        top = edge.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
         # NaN for a NaN (the maxima propagate it), +inf or -inf (nothing
         # kept) maximum: 0 * inf is NaN.
         check = _nan_where_infinite(top)
@@ -249,14 +255,14 @@ def _fused(x, axis, keep, t, log, t_varies):
             fill = fill * ops.minimum(ops.stop_gradient(t), _constant(1.0, dtype))
         lowest_top = fill + _UNDERFLOW[dtype] * (1.0 if t is None else t)
         z = ops.where(keep, x, fill)
-        top = _backend.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
+        top = edge.reduce_max(ops.stop_gradient(z), axis, keepdims=True)
         # The log is finite only where the maximum is finite and above its
         # lowest.
         check = _nan_where_infinite(ops.log(top - lowest_top))
     if keep is not None:
         # The fill hid the masked values; a NaN among them must still show.
         # (A masked +inf takes the exact path too, which ignores it.)
-        check = check + _nan_where_infinite(_backend.reduce_max(x))
+        check = check + _nan_where_infinite(edge.reduce_max(x))
     if t is not None:
         # Beyond this, z - top may overflow where (z - top) / t would not.
         limit = _constant(largest / _UNDERFLOW[dtype], dtype)
@@ -280,6 +286,8 @@ def _fused_kernel(logits, axis, witness, exact, log, keep=None):
     become -inf.
     """
 
+    edge = _backend.edge()
+
     def forward(logits):
         if log:
             fast = ops.log_softmax(logits, axis)
@@ -287,12 +295,12 @@ def _fused_kernel(logits, axis, witness, exact, log, keep=None):
                 fast = ops.where(keep, fast, -math.inf)
         else:
             fast = ops.softmax(logits, axis)
-        return _backend.cond_no_nan(witness(fast), lambda: fast, exact)
+        return edge.cond_no_nan(witness(fast), lambda: fast, exact)
 
     def backward(logits, outputs):
         return lambda upstream: (_softmax_vjp(outputs, upstream, axis, log),)
 
-    return _Result(_backend.with_reverse_rule(forward, backward, logits), logits)
+    return _Result(edge.with_reverse_rule(forward, backward, logits), logits)
 
 
 def _softmax_vjp(outputs, upstream, axis, log):
