@@ -22,6 +22,8 @@ LOWEST = {
     "float64": float(np.finfo(np.float64).min),
 }
 _FULL_DTYPES = ("float32", "float64")
+# (A framework's dtype object may compare equal to these names: TensorFlow's.)
+_FLOAT_NAMES = _FULL_DTYPES + HALF_DTYPES
 
 
 class Logits(NamedTuple):
@@ -42,7 +44,7 @@ def to_compute_dtype(x) -> Logits:
 
 def output_dtype(input_dtype) -> str:
     """The dtype the softmax returns for logits of `input_dtype`."""
-    if input_dtype in _FULL_DTYPES or input_dtype in HALF_DTYPES:
+    if isinstance(input_dtype, str) and input_dtype in _FLOAT_NAMES:
         return input_dtype  # a standardised name already
     dtype = keras.backend.standardize_dtype(input_dtype)
     if dtype in _FULL_DTYPES or dtype in HALF_DTYPES:
@@ -55,7 +57,7 @@ def output_dtype(input_dtype) -> str:
 def compute_dtype(dtype) -> str:
     """The dtype that inputs of floating `dtype` are computed in: float32
     for half precision, else their own."""
-    if dtype not in _FULL_DTYPES and dtype not in HALF_DTYPES:
+    if not (isinstance(dtype, str) and dtype in _FLOAT_NAMES):
         dtype = keras.backend.standardize_dtype(dtype)
     return "float32" if dtype in HALF_DTYPES else dtype
 
