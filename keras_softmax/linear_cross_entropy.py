@@ -22,7 +22,15 @@ from keras_softmax import _dtypes
 from keras_softmax import _numerics
 from keras_softmax import _temperature
 
-REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "none", None)
+# Keras' reductions (`keras.losses.Loss`), with their meanings.
+REDUCTIONS = (
+    "sum_over_batch_size",
+    "mean",
+    "mean_with_sample_weight",
+    "sum",
+    "none",
+    None,
+)
 # Logits held at once: a chunk of tokens times the vocabulary (64 MiB in
 # float32).
 _CHUNK_ELEMENTS = 1 << 24
@@ -34,6 +42,8 @@ def linear_cross_entropy(
     kernel,
     bias=None,
     *,
+    sample_weight=None,
+    transpose_kernel: bool = False,
     temperature=1.0,
     logit_soft_cap: float | None = None,
     label_smoothing: float = 0.0,
@@ -52,24 +62,36 @@ def linear_cross_entropy(
     + z_loss * lse(z) ** 2`, with `e = label_smoothing`. A position whose
     label is `ignore_class` contributes 0 and gets no gradient.
 
-    The default reduction equals
+    Every reduction equals
     `keras.losses.SparseCategoricalCrossentropy(from_logits=True,
-    ignore_class=ignore_class)` on the materialised logits: the mean over
-    the positions that are not ignored. Half-precision inputs are computed
-    in float32.
+    ignore_class=ignore_class, reduction=reduction)(labels, logits,
+    sample_weight=sample_weight)` on the materialised logits. The default
+    is the sum of the weighted losses over the number of positions that
+    are not ignored: with a padding mask as `sample_weight`, keras-hub's
+    `CausalLM` loss. Half-precision inputs are computed in float32.
 
     Args:
         labels: Integer class ids, of the leading shape of `inputs`.
         inputs: Hidden states `[..., D]`.
-        kernel: `[D, V]`, the layout of `Dense(V)`'s kernel.
+        kernel: `[D, V]`, the layout of `Dense(V)`'s kernel; `[V, D]` with
+            `transpose_kernel=True`.
         bias: Optional `[V]`.
+        sample_weight: Optional weights of the positions, of `labels`'
+            shape or broadcastable to it as Keras broadcasts them (a
+            `[batch]` weight applies to each position of its sequence).
+        transpose_kernel: Whether `kernel` is `[V, D]`, as an embedding
+            table is: tied input and output embeddings. It is read in
+            place, never transposed into a copy.
         temperature: A positive finite number or scalar tensor.
         logit_soft_cap: Optional positive number `c`.
         label_smoothing: In `[0, 1]`.
         z_loss: Non-negative weight of `lse(z) ** 2` (PaLM's z-loss).
         ignore_class: Optional class id whose positions are ignored.
-        reduction: `"sum_over_batch_size"` (default), `"mean"` (the same),
-            `"sum"`, or `None` / `"none"` for the per-position losses.
+        reduction: As Keras reduces: `"sum_over_batch_size"` (default) and
+            `"mean"` divide the sum of the weighted losses by the number
+            of positions not ignored, `"mean_with_sample_weight"` by the
+            sum of their weights (0 if it is 0), `"sum"` sums them, and
+            `None` / `"none"` returns the weighted per-position losses.
         chunk_size: Tokens per chunk. Defaults to as many as keep a chunk's
             logits at 2**24 elements.
 
@@ -87,26 +109,42 @@ def linear_cross_entropy(
     0.16723
     """
     args = _checked_arguments(
-        labels, inputs, kernel, bias, temperature, logit_soft_cap,
-        label_smoothing, z_loss, ignore_class, reduction, chunk_size,
+        labels, inputs, kernel, bias, sample_weight, transpose_kernel,
+        temperature, logit_soft_cap, label_smoothing, z_loss, ignore_class,
+        reduction, chunk_size,
     )  # fmt: skip
-    valid = ops.cast(args.valid, args.hidden.dtype)
+    weights = _reduction_weights(args.valid, args.sample_weight, args.reduction)
     if args.reduction in (None, "none"):
-        losses = _through_rule(args, _per_position_rule, valid)
+        losses = _through_rule(args, _per_position_rule, weights)
         return ops.reshape(losses + args.poison, args.leading_shape)
-    if args.reduction == "sum":
-        weights = valid
-    else:
-        weights = valid / ops.maximum(ops.sum(valid), 1.0)
     return _through_rule(args, _weighted_sum_rule, weights) + ops.sum(args.poison)
+
+
+def _reduction_weights(valid, sample_weight, reduction):
+    """Per-position weights whose weighted sum of the losses is Keras'
+    reduction of them (`keras.losses.loss.reduce_weighted_values`)."""
+    dtype = sample_weight.dtype
+    # `where`, not a product: an ignored position's weight has no gradient.
+    weights = ops.where(valid, sample_weight, 0.0)
+    if reduction in ("sum_over_batch_size", "mean"):
+        # Keras scales its mask so that the mean is over the kept positions.
+        return weights / ops.maximum(ops.sum(ops.cast(valid, dtype)), 1.0)
+    if reduction == "mean_with_sample_weight":
+        total = ops.sum(weights)
+        nonzero = ops.not_equal(total, 0.0)
+        # Keras' `divide_no_nan`, with a gradient that stays finite at 0.
+        return ops.where(nonzero, weights / ops.where(nonzero, total, 1.0), 0.0)
+    return weights
 
 
 class _Arguments(NamedTuple):
     labels: object  # [N] int32, ignored positions set to 0
     valid: object  # [N] bool: not ignored
+    sample_weight: object  # [N], in the compute dtype (ones if not given)
     poison: object  # [N]: NaN where a label is out of range, else 0
     hidden: object  # [N, D] float32 or float64
-    kernel: object
+    kernel: object  # [D, V], or [V, D] if `transposed`
+    transposed: bool
     bias: object
     temperature: object  # None, or a scalar tensor
     soft_cap: float | None
@@ -122,6 +160,8 @@ def _checked_arguments(
     inputs,
     kernel,
     bias,
+    sample_weight,
+    transpose_kernel,
     temperature,
     soft_cap,
     smoothing,
@@ -134,18 +174,20 @@ def _checked_arguments(
     _arguments.check_choice("reduction", reduction, REDUCTIONS)
     hidden, _ = _dtypes.to_compute_dtype(inputs)
     dtype = keras.backend.standardize_dtype(hidden.dtype)
+    transposed = _arguments.check_flag("transpose_kernel", transpose_kernel)
     kernel = ops.cast(_backend.to_tensor(kernel), dtype)
+    layout = "[V, D]" if transposed else "[D, V]"
     if len(hidden.shape) < 1 or len(kernel.shape) != 2:
         raise ValueError(
-            "`inputs` must be [..., D] and `kernel` [D, V]. Received: "
+            f"`inputs` must be [..., D] and `kernel` {layout}. Received: "
             f"inputs.shape={tuple(hidden.shape)}, kernel.shape={tuple(kernel.shape)}"
         )
-    depth, vocabulary = kernel.shape
+    vocabulary, depth = kernel.shape if transposed else reversed(kernel.shape)
     if hidden.shape[-1] != depth:
         raise ValueError(
-            "The last axis of `inputs` must match the first of `kernel`. "
-            f"Received: inputs.shape={tuple(hidden.shape)}, "
-            f"kernel.shape={tuple(kernel.shape)}"
+            f"The last axis of `inputs` must match D of `kernel` {layout} "
+            f"(transpose_kernel={transposed}). Received: "
+            f"inputs.shape={tuple(hidden.shape)}, kernel.shape={tuple(kernel.shape)}"
         )
     if bias is not None:
         bias = ops.cast(_backend.to_tensor(bias), dtype)
@@ -187,9 +229,11 @@ def _checked_arguments(
     return _Arguments(
         labels=ops.where(ops.logical_and(valid, in_range), labels, 0),
         valid=valid,
+        sample_weight=_sample_weight(sample_weight, labels, hidden),
         poison=ops.cast(poison, dtype),
         hidden=ops.reshape(hidden, (-1, depth)),
         kernel=kernel,
+        transposed=transposed,
         bias=bias,
         temperature=_temperature.normalize_temperature(temperature, dtype).tensor(
             dtype
@@ -208,6 +252,34 @@ def _checked_arguments(
     )
 
 
+def _sample_weight(sample_weight, labels, hidden):
+    """`[N]` weights of the `[N]` `labels`, broadcast from the positions'
+    shape (`hidden`'s leading axes) as Keras broadcasts them."""
+    if sample_weight is None:
+        return ops.ones_like(labels, hidden.dtype)
+    leading_shape = tuple(hidden.shape[:-1])
+    weights = ops.cast(_backend.to_tensor(sample_weight), hidden.dtype)
+    given_shape = tuple(weights.shape)
+    rank = len(leading_shape)
+    # Keras' `squeeze_or_expand_to_same_rank`: a weight per sequence
+    # applies to each of its positions.
+    if len(weights.shape) == rank - 1:
+        weights = ops.expand_dims(weights, -1)
+    elif len(weights.shape) == rank + 1 and weights.shape[-1] == 1:
+        weights = ops.squeeze(weights, -1)
+    fits = len(weights.shape) <= rank and all(
+        a in (1, None) or b is None or a == b
+        for a, b in zip(weights.shape[::-1], leading_shape[::-1], strict=False)
+    )
+    if not fits:
+        raise ValueError(
+            "`sample_weight` must have the shape of `labels`, or broadcast "
+            f"to it. Received: sample_weight.shape={given_shape}, "
+            f"labels.shape={leading_shape}"
+        )
+    return ops.reshape(ops.broadcast_to(weights, ops.shape(hidden)[:-1]), (-1,))
+
+
 def _chunk(chunk_size, vocabulary):
     chunk_size = _arguments.check_positive_integer(
         "chunk_size", chunk_size, allow_none=True
@@ -224,6 +296,7 @@ class _Spec(NamedTuple):
     smoothing: float
     z_loss: float
     tempered: bool  # whether a temperature tensor is passed
+    transposed: bool  # whether the kernel is [V, D]
     chunk: int
 
 
@@ -233,7 +306,7 @@ def _through_rule(args: _Arguments, rule, weights):
     n = args.hidden.shape[0]
     if n == 0:
         # No position: a loss of 0 (`[]` per position), with zero gradients.
-        zero = ops.sum(args.kernel) * 0.0
+        zero = ops.sum(args.kernel) * 0.0 + ops.sum(weights) * 0.0
         return ops.zeros((0,), zero.dtype) + zero if per_position else zero
     if n is None:  # a traced batch of unknown size
         n = ops.shape(args.hidden)[0]
@@ -251,24 +324,40 @@ def _through_rule(args: _Arguments, rule, weights):
         args.smoothing,
         args.z_loss,
         args.temperature is not None,
+        args.transposed,
         chunk,
     )
     dtype = args.kernel.dtype
-    bias = ops.zeros((args.kernel.shape[1],), dtype) if args.bias is None else args.bias
+    vocabulary = args.kernel.shape[0 if args.transposed else 1]
+    bias = ops.zeros((vocabulary,), dtype) if args.bias is None else args.bias
     t = ops.ones((), dtype) if args.temperature is None else args.temperature
     out = rule(spec)(hidden, args.kernel, bias, t, labels, weights)
     return out if len(out.shape) == 0 else out[:n]
 
 
+def _weighted(losses, weights):
+    """`losses * weights`, 0 where a weight is 0 (whose loss may be inf)."""
+    return ops.where(weights != 0, losses * weights, 0.0)
+
+
 def _per_position_rule(spec):
-    """Per-position losses times `weights`; reverse mode recomputes chunks."""
+    """Per-position losses times `weights`; reverse mode recomputes chunks.
+
+    The forward pass keeps the `[N]` unweighted losses: the weights'
+    gradient.
+    """
 
     def forward(h, w, b, t, y, weights):
-        return _scan_losses(spec, h, w, b, t, y, weights), ()
+        losses = _scan_losses(spec, h, w, b, t, y)
+        return _weighted(losses, weights), (losses,)
 
     def backward(inputs, saved, upstream):
         h, w, b, t, y, weights = inputs
-        return _scan_gradients(spec, h, w, b, t, y, weights * upstream)
+        (losses,) = saved
+        _, gradients = _scan_losses_and_gradients(
+            spec, h, w, b, t, y, weights * upstream
+        )
+        return gradients + (None, _weighted(losses, upstream))
 
     return _backend.custom_vjp(forward, backward)
 
@@ -282,18 +371,23 @@ def _weighted_sum_rule(spec):
     """
 
     def forward(h, w, b, t, y, weights):
-        losses = _scan_losses(spec, h, w, b, t, y, weights)
-        return ops.sum(losses), ()
+        losses = _scan_losses(spec, h, w, b, t, y)
+        return ops.sum(_weighted(losses, weights)), ()
 
     def forward_for_derivative(h, w, b, t, y, weights):
-        loss, gradients = _scan_loss_and_gradients(spec, h, w, b, t, y, weights)
-        return loss, gradients
+        losses, gradients = _scan_losses_and_gradients(spec, h, w, b, t, y, weights)
+        return ops.sum(_weighted(losses, weights)), gradients + (losses,)
 
     def backward(inputs, saved, upstream):
-        if saved:  # the gradients, from forward_for_derivative
-            return tuple(g * upstream for g in saved) + (None, None)
-        h, w, b, t, y, weights = inputs
-        return _scan_gradients(spec, h, w, b, t, y, weights * upstream)
+        if saved:  # from forward_for_derivative
+            *gradients, losses = saved
+            gradients = tuple(g * upstream for g in gradients)
+        else:
+            h, w, b, t, y, weights = inputs
+            losses, gradients = _scan_losses_and_gradients(
+                spec, h, w, b, t, y, weights * upstream
+            )
+        return gradients + (None, _weighted(losses, upstream))
 
     return _backend.custom_vjp(
         forward, backward, forward_for_derivative=forward_for_derivative
@@ -312,7 +406,8 @@ class _Chunk(NamedTuple):
 
 
 def _chunk_logits(spec, h, w, b, t):
-    logits = _numerics.soft_cap(_backend.matmul(h, w) + b, spec.soft_cap)
+    logits = _backend.matmul(h, w, transpose_b=spec.transposed) + b
+    logits = _numerics.soft_cap(logits, spec.soft_cap)
     top = ops.max(logits, axis=-1, keepdims=True)
     shifted = logits - top
     if spec.tempered:
@@ -324,8 +419,8 @@ def _chunk_logits(spec, h, w, b, t):
     return _Chunk(logits, shifted, exp_shifted, top, total, ops.log(total))
 
 
-def _chunk_losses(spec, c: _Chunk, t, y, weights):
-    """`[C]` losses of one chunk, times `weights`."""
+def _chunk_losses(spec, c: _Chunk, t, y):
+    """`[C]` unweighted losses of one chunk."""
     picked = ops.take_along_axis(c.shifted, y[:, None], axis=-1)
     loss = (1 - spec.smoothing) * (c.log_total - picked)
     if spec.smoothing:
@@ -334,13 +429,12 @@ def _chunk_losses(spec, c: _Chunk, t, y, weights):
         loss = loss + spec.smoothing * (c.log_total - mean)
     if spec.z_loss:
         loss = loss + spec.z_loss * ops.square(c.top / t + c.log_total)
-    # `where`, not a product: an ignored position's loss may be inf.
-    return ops.where(weights != 0, loss[:, 0] * weights, 0.0)
+    return loss[:, 0]
 
 
 class _Gradients(NamedTuple):
     inputs: object  # [C, D]
-    kernel: tuple  # (a, b): the [D, V] gradient is a @ b
+    kernel: tuple  # (a, b): the kernel's gradient is a^T @ b
     bias: object  # [V]
     temperature: object  # scalar
 
@@ -369,56 +463,42 @@ def _chunk_gradients(spec, c: _Chunk, h, w, t, y, weights) -> _Gradients:
     if spec.soft_cap is not None:
         d_logits = d_logits * _numerics.soft_cap_derivative(c.logits, spec.soft_cap)
     return _Gradients(
-        # (w @ dz^T)^T: TensorFlow would copy the whole kernel to transpose it.
-        inputs=ops.transpose(_backend.matmul(w, ops.transpose(d_logits))),
-        kernel=(ops.transpose(h), d_logits),  # a product, summed by the caller
+        # The kernel is read in place in either layout, never transposed.
+        inputs=_backend.matmul(d_logits, w, transpose_b=not spec.transposed),
+        kernel=(d_logits, h) if spec.transposed else (h, d_logits),
         bias=ops.sum(d_logits, axis=0),
         temperature=dt,
     )
 
 
-def _scan_losses(spec, h, w, b, t, y, weights):
-    """`[chunks * chunk]` weighted losses."""
+def _scan_losses(spec, h, w, b, t, y):
+    """`[chunks * chunk]` unweighted losses."""
 
     def step(carry, xs):
-        h_c, y_c, weights_c = xs
+        h_c, y_c = xs
         c = _chunk_logits(spec, h_c, w, b, t)
-        return carry, (_chunk_losses(spec, c, t, y_c, weights_c),)
+        return carry, (_chunk_losses(spec, c, t, y_c),)
 
-    _, (losses,) = _backend.scan(step, (), _split(spec, h, y, weights))
+    _, (losses,) = _backend.scan(step, (), _split(spec, h, y))
     return ops.reshape(losses, (-1,))
 
 
-def _scan_gradients(spec, h, w, b, t, y, weights):
-    """The gradients of `sum(weights * losses)`: one per rule input."""
-    _, gradients = _scan_loss_and_gradients(
-        spec, h, w, b, t, y, weights, with_loss=False
-    )
-    return gradients + (None, None)
-
-
-def _scan_loss_and_gradients(spec, h, w, b, t, y, weights, with_loss=True):
-    """`sum(weights * losses)` and its gradients for `h`, `w`, `b` and `t`.
-
-    Without `with_loss`, the loss is 0: the reverse pass wants only the
-    gradients.
-    """
+def _scan_losses_and_gradients(spec, h, w, b, t, y, weights):
+    """The unweighted `[N]` losses, and the gradients of
+    `sum(weights * losses)` for `h`, `w`, `b` and `t`."""
 
     def step(carry, xs):
-        loss, dw, db, dt = carry
+        dw, db, dt = carry
         h_c, y_c, weights_c = xs
         c = _chunk_logits(spec, h_c, w, b, t)
-        if with_loss:
-            loss = loss + ops.sum(_chunk_losses(spec, c, t, y_c, weights_c))
+        losses = _chunk_losses(spec, c, t, y_c)
         g = _chunk_gradients(spec, c, h_c, w, t, y_c, weights_c)
-        dw = _backend.add_matmul(dw, *g.kernel)
-        carry = (loss, dw, db + g.bias, dt + g.temperature)
-        return carry, (g.inputs,)
+        dw = _backend.add_matmul(dw, *g.kernel, transpose_a=True)
+        return (dw, db + g.bias, dt + g.temperature), (losses, g.inputs)
 
-    zero = ops.zeros((), w.dtype)
-    init = (zero, ops.zeros_like(w), ops.zeros_like(b), zero)
-    (loss, dw, db, dt), (dh,) = _backend.scan(step, init, _split(spec, h, y, weights))
-    return loss, (ops.reshape(dh, ops.shape(h)), dw, db, dt)
+    init = (ops.zeros_like(w), ops.zeros_like(b), ops.zeros((), w.dtype))
+    (dw, db, dt), (losses, dh) = _backend.scan(step, init, _split(spec, h, y, weights))
+    return ops.reshape(losses, (-1,)), (ops.reshape(dh, ops.shape(h)), dw, db, dt)
 
 
 def _split(spec, h, *per_position):

@@ -336,3 +336,207 @@ def test_an_empty_batch_has_a_loss_of_zero_and_zero_gradients(reduction):
         return keras.ops.reshape(losses, (1,))
 
     np.testing.assert_array_equal(gradient(reduced, kernel), np.zeros((3, 5)))
+
+
+def _sequences(seed=1):
+    """A padded batch of 3 sequences of 4: labels, hidden states, a `[V, D]`
+    table and a padding mask with a fully padded sequence."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 11, size=(3, 4))
+    labels[0, :2] = 3  # for `ignore_class=3`
+    hidden = rng.normal(size=(3, 4, 5)).astype("float32")
+    table = rng.normal(size=(11, 5)).astype("float32")
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], "float32")
+    return labels, hidden, table, mask
+
+
+@pytest.mark.parametrize("ignore_class", [None, 3])
+@pytest.mark.parametrize(
+    "reduction", ["sum_over_batch_size", "mean", "mean_with_sample_weight", "sum", None]
+)
+def test_every_keras_reduction_of_sample_weights_equals_keras_on_the_logits(
+    reduction, ignore_class
+):
+    labels, hidden, table, mask = _sequences()
+    weights = mask * np.linspace(0.5, 2.0, 12, dtype="float32").reshape(3, 4)
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=ignore_class, reduction=reduction
+    )
+    expected = to_numpy(keras_loss(labels, hidden @ table.T, sample_weight=weights))
+    actual = to_numpy(
+        linear_cross_entropy(
+            labels,
+            hidden,
+            table,
+            sample_weight=weights,
+            transpose_kernel=True,
+            ignore_class=ignore_class,
+            reduction=reduction,
+            chunk_size=5,
+        )
+    )
+    np.testing.assert_allclose(actual, expected, rtol=2e-6, atol=1e-7)
+    # And the float64 reference, whose count is of the positions kept.
+    losses = weights * reference_losses(
+        labels, hidden, table.T, ignore_class=ignore_class
+    )
+    kept = labels != ignore_class
+    reduced = {
+        "sum_over_batch_size": losses.sum() / kept.sum(),
+        "mean": losses.sum() / kept.sum(),
+        "mean_with_sample_weight": losses.sum() / (weights * kept).sum(),
+        "sum": losses.sum(),
+        None: losses,
+    }[reduction]
+    np.testing.assert_allclose(actual, reduced, rtol=2e-6, atol=1e-7)
+
+
+def test_a_padding_mask_as_sample_weight_divides_by_every_position_as_keras_hub():
+    # keras-hub's CausalLM passes its padding mask as `sample_weight`: the
+    # default divides by all positions; the masked mean is another reduction.
+    labels, hidden, table, mask = _sequences()
+    losses = reference_losses(labels, hidden, table.T)
+    by_all = linear_cross_entropy(
+        labels, hidden, table, sample_weight=mask, transpose_kernel=True
+    )
+    masked_mean = linear_cross_entropy(
+        labels,
+        hidden,
+        table,
+        sample_weight=mask,
+        transpose_kernel=True,
+        reduction="mean_with_sample_weight",
+    )
+    np.testing.assert_allclose(to_numpy(by_all), (losses * mask).sum() / 12, rtol=2e-6)
+    np.testing.assert_allclose(
+        to_numpy(masked_mean), (losses * mask).sum() / mask.sum(), rtol=2e-6
+    )
+
+
+def test_a_weight_per_sequence_applies_to_each_of_its_positions():
+    # Where Keras' own loss refuses `[batch]` weights for `[batch, time]`
+    # labels, the weight of a sequence weights each of its positions.
+    labels, hidden, table, _ = _sequences()
+    per_sequence = np.array([0.5, 1.0, 2.0], "float32")
+    options = dict(transpose_kernel=True, reduction=None)
+    for weights in (per_sequence, per_sequence[:, None, None]):
+        actual = linear_cross_entropy(
+            labels, hidden, table, sample_weight=weights, **options
+        )
+        expected = per_sequence[:, None] * reference_losses(labels, hidden, table.T)
+        np.testing.assert_allclose(to_numpy(actual), expected, rtol=2e-6)
+    with pytest.raises(ValueError, match=r"sample_weight.shape=\(2,\)"):
+        linear_cross_entropy(labels, hidden, table, sample_weight=np.ones(2), **options)
+
+
+@pytest.mark.parametrize("reduction", ["mean_with_sample_weight", None])
+def test_a_tied_kernel_and_sample_weights_have_the_gradients_of_the_logits(reduction):
+    # Of the hidden states, the `[V, D]` table and the weights themselves,
+    # against Keras' loss on the materialised logits.
+    labels, hidden, table, mask = _sequences()
+    weights = mask * np.linspace(0.5, 2.0, 12, dtype="float32").reshape(3, 4)
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=3, reduction=reduction
+    )
+
+    def ours(h=hidden, w=table, s=weights):
+        return linear_cross_entropy(
+            labels, h, w, sample_weight=s, transpose_kernel=True,
+            ignore_class=3, reduction=reduction, chunk_size=5,
+        )  # fmt: skip
+
+    def materialised(h=hidden, w=table, s=weights):
+        logits = keras.ops.matmul(h, keras.ops.transpose(w))
+        return keras_loss(labels, logits, sample_weight=s)
+
+    def column(fn):
+        return lambda *a: keras.ops.reshape(fn(*a), (-1,))
+
+    for name, value in (("h", hidden), ("w", table), ("s", weights)):
+        actual = gradient(column(lambda v, name=name: ours(**{name: v})), value)
+        expected = gradient(
+            column(lambda v, name=name: materialised(**{name: v})), value
+        )
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_tied_kernel_is_read_in_place_never_copied():
+    # A transposed copy of a `[V, D]` table would double a large
+    # vocabulary's largest weight; every backend reads it as it lies.
+    labels, hidden, table, mask = _sequences()
+    vocabulary, depth = 4096, 5
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=(vocabulary, depth)).astype("float32")
+
+    def loss(h, w):
+        return linear_cross_entropy(
+            labels, h, w, sample_weight=mask, transpose_kernel=True
+        )
+
+    if BACKEND == "jax":
+        import jax
+
+        program = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, table)
+        transposed = [
+            str(e) for e in _equations(program.jaxpr)
+            if e.primitive.name == "transpose"
+            and any(v.aval.size >= table.size for v in e.invars)
+        ]  # fmt: skip
+        assert not transposed, transposed
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        graph = (
+            tf.function(loss)
+            .get_concrete_function(tf.constant(hidden), tf.constant(table))
+            .graph
+        )
+        transposed = [
+            op.name
+            for op in _tf_ops(graph)
+            if op.type == "Transpose"
+            and op.inputs[0].shape.num_elements() == table.size
+        ]
+        assert not transposed, transposed
+    else:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        kernel = torch.tensor(table)
+
+        class CopiesOfTheKernel(TorchDispatchMode):
+            copies = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if (
+                        isinstance(t, torch.Tensor)
+                        and t.numel() == kernel.numel()
+                        and t.untyped_storage().data_ptr()
+                        != kernel.untyped_storage().data_ptr()
+                    ):
+                        self.copies.append(str(func))
+                return out
+
+        with CopiesOfTheKernel() as watch:
+            loss(torch.tensor(hidden), kernel)
+        assert not watch.copies, watch.copies
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, inside scans and custom rules too."""
+    for e in jaxpr.eqns:
+        yield e
+        for value in e.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)  # a closed jaxpr's own
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def _tf_ops(graph):
+    """Every operation of a TensorFlow graph and of the functions it calls."""
+    yield from graph.get_operations()
+    for function in graph._functions.values():  # noqa: SLF001
+        yield from _tf_ops(function.graph)

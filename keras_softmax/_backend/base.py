@@ -104,8 +104,15 @@ class Edge:
         """`keras.ops.amax`."""
         return keras.ops.amax(x, axis=axis, keepdims=keepdims)
 
-    def matmul(self, a, b):
-        """`keras.ops.matmul`, in float64 where the inputs are."""
+    def matmul(self, a, b, *, transpose_a=False, transpose_b=False):
+        """`a @ b` of matrices, either read transposed, in float64 where the
+        inputs are.
+
+        The flags let a backend read a transposed operand in place (BLAS'
+        `trans` arguments) where a transpose would copy a large kernel.
+        """
+        a = keras.ops.transpose(a) if transpose_a else a
+        b = keras.ops.transpose(b) if transpose_b else b
         return keras.ops.matmul(a, b)
 
     def maximum(self, a, b):
@@ -117,9 +124,10 @@ class Edge:
         ones = keras.ops.ones(keras.ops.shape(exponent), dtype)
         return keras.ops.ldexp(ones, keras.ops.cast(exponent, "int32"))
 
-    def add_matmul(self, total, a, b):
-        """`total + a @ b` (in place where the backend can)."""
-        return total + self.matmul(a, b)
+    def add_matmul(self, total, a, b, *, transpose_a=False):
+        """`total + a @ b`, `a` read transposed with `transpose_a` (in place
+        where the backend can)."""
+        return total + self.matmul(a, b, transpose_a=transpose_a)
 
     def slice_add(self, x, starts, update):
         """`x` with `update` added to its block that starts at `starts`."""

@@ -20,6 +20,12 @@ class JaxEdge(Edge):
     def is_concrete(self, tensor) -> bool:
         return not isinstance(tensor, jax.core.Tracer)
 
+    def matmul(self, a, b, *, transpose_a=False, transpose_b=False):
+        # `dot_general` contracts the named axes: eager JAX would copy a
+        # transposed kernel first.
+        contract = ((0 if transpose_a else 1,), (1 if transpose_b else 0,))
+        return jax.lax.dot_general(a, b, (contract, ((), ())))
+
     def power_of_two(self, exponent, dtype: str):
         # Keras' `ldexp` (3.15) returns float32 for float64 and int32.
         return jax.numpy.ldexp(

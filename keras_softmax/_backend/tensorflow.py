@@ -30,6 +30,11 @@ class TensorFlowEdge(Edge):
         # `tf.custom_gradient` may not read a variable it was not handed.
         return tf.convert_to_tensor(value)
 
+    def matmul(self, a, b, *, transpose_a=False, transpose_b=False):
+        # The kernel's flags read a transposed operand in place, where
+        # `tf.transpose` would copy a large kernel.
+        return tf.linalg.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
     def reduce_max(self, x, axis=None, keepdims=False):
         # Keras' eager maximum runs an extra op to refuse empty tensors,
         # more than the softmax of a small tensor costs.

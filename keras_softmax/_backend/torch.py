@@ -70,9 +70,10 @@ class TorchEdge(Edge):
             return torch.amax(x)
         return torch.amax(x, dim=axis, keepdim=keepdims)
 
-    def matmul(self, a, b):
-        # Keras' `result_type` of two torch float64 dtypes is float32.
-        return torch.matmul(a, b)
+    def matmul(self, a, b, *, transpose_a=False, transpose_b=False):
+        # Keras' `result_type` of two torch float64 dtypes is float32. A
+        # transposed matrix is a view, which BLAS reads in place.
+        return torch.matmul(a.T if transpose_a else a, b.T if transpose_b else b)
 
     def maximum(self, a, b):
         return torch.maximum(a, b)  # as `matmul`
@@ -83,15 +84,15 @@ class TorchEdge(Edge):
         two = torch.full_like(exponent, 2.0, dtype=getattr(torch, dtype))
         return torch.pow(two, exponent.to(two.dtype))
 
-    def add_matmul(self, total, a, b):
+    def add_matmul(self, total, a, b, *, transpose_a=False):
         # In place on eager tensors: eager PyTorch would otherwise hold the
         # product and the new sum beside the old one, three copies of a
         # large vocabulary's kernel gradient. Not under `torch.func`: a
         # vmapped operand cannot be added into `total`.
         concrete = all(map(self.is_concrete, (total, a, b)))
         if concrete and not total.requires_grad:
-            return total.addmm_(a, b)
-        return total + self.matmul(a, b)
+            return total.addmm_(a.T if transpose_a else a, b)
+        return total + self.matmul(a, b, transpose_a=transpose_a)
 
     def slice_add(self, x, starts, update):
         # Out of place through `slice_scatter`: Keras' `slice_update` assigns
