@@ -1,18 +1,23 @@
 """A griffe extension: the Keras docstring format, read as Google style.
 
 The docstrings follow Keras' format (CONTRIBUTING.md, "Style"), which
-differs from the Google style that griffe parses in two places:
+differs from the Google style that griffe parses in three places:
 
 - `Example:` is followed by a blank line and `>>>` lines flush with it,
   where griffe reads an `Examples:` section only when its lines are
   indented. Unread, the doctests would render as prose, and their outputs
   (`[0.0, 1.0]`) as broken Markdown references.
 - `Call arguments:` (a layer's or a metric's) is no Google section.
+- `Returns:` is a description only, where griffe reads a first line that
+  starts `word:` or `word (...):` as a name and a type
+  (`Shape (B, T): ...` would lose its first words).
 
 This rewrites each docstring, in the documentation only, before griffe
 parses it: the doctests become an `Examples:` section, and a
-`Call arguments:` block becomes a bold title and a list. The source stays
-in Keras' format, and the doctests run as written.
+`Call arguments:` block becomes a bold title and a list, and a `Returns:`
+description starts with a colon: an empty name and type. (That its lines
+make one item, not one each, is mkdocs.yml's `returns_multiple_items`.)
+The source stays in Keras' format, and the doctests run as written.
 """
 
 import re
@@ -21,6 +26,7 @@ import griffe
 
 _EXAMPLE = re.compile(r"^Examples?:\s*$")
 _CALL_ARGUMENTS = re.compile(r"^Call arguments.*:\s*$")
+_RETURNS = re.compile(r"^(Returns|Yields):\s*$")
 # One argument of a `Call arguments:` block: `name: description`, where
 # `name` may list several (`query_mask, value_mask, key_mask`).
 _ITEM = re.compile(r"^    (\w[\w, ]*):\s+(.*)$")
@@ -54,6 +60,12 @@ def keras_to_google(text: str) -> str:
                     out.append("  " + lines[i].strip())
                 i += 1
             continue
+        if _RETURNS.match(line):
+            start = _next_non_blank(lines, i + 1)
+            if start < len(lines) and lines[start].startswith("    "):
+                out += [line, "    : " + lines[start].lstrip()]
+                i = start + 1
+                continue
         out.append(line)
         i += 1
     return "\n".join(out)
