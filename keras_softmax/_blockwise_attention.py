@@ -25,6 +25,7 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
+from keras_softmax import _arguments
 from keras_softmax import _backend
 from keras_softmax import _dtypes
 from keras_softmax import _masks
@@ -36,7 +37,69 @@ _BLOCK_ELEMENTS = 1 << 21
 _MIN_BLOCK, _MAX_BLOCK = 16, 1024
 # From this many elements of scores (over the batch and the heads: 64 MiB in
 # float32, of which the full path holds several copies), blocks are chosen.
+# A policy of `attention._path`, not a block size: `BlockSizes` leaves it.
 LARGE_SCORES = 1 << 24
+
+
+class BlockSizes(NamedTuple):
+    """How many queries and keys one block of the blockwise attention holds.
+
+    As Pallas' `flash_attention.BlockSizes`: a parameter of the blocks, for
+    tuning them or, in tests, for several blocks over short sequences. A
+    block longer than its sequence is cut to the sequence's length; the
+    last block of a sequence that is not a multiple is padded.
+
+    Attributes:
+        query: Positive integer, the queries per block.
+        key: Positive integer, the keys per block.
+
+    Example:
+
+    >>> from keras_softmax import BlockSizes
+    >>> BlockSizes(query=128, key=256)
+    BlockSizes(query=128, key=256)
+    """
+
+    query: int
+    key: int
+
+
+def check_block_sizes(block_sizes) -> BlockSizes | None:
+    """`block_sizes` as `BlockSizes` (any pair of positive integers), or None.
+
+    Raises:
+        ValueError: naming `block_sizes` (or the field) and its value, for
+            anything but None or a pair of positive integers.
+    """
+    if block_sizes is None:
+        return None
+    try:
+        query, key = block_sizes
+    except (TypeError, ValueError):
+        raise ValueError(
+            "`block_sizes` must be a `BlockSizes(query, key)` of positive "
+            f"integers, or None. Received: block_sizes={block_sizes!r}"
+        ) from None
+    return BlockSizes(
+        _arguments.check_positive_integer("block_sizes.query", query),
+        _arguments.check_positive_integer("block_sizes.key", key),
+    )
+
+
+def default_block_sizes(batch, heads, queries, keys) -> BlockSizes:
+    """The blocks chosen for a shape: the one place their rule lives.
+
+    Square blocks of a power of two holding about `_BLOCK_ELEMENTS` scores
+    per pair over the batch (unknown: 1) and the heads, between `_MIN_BLOCK`
+    and `_MAX_BLOCK`, cut to the power of two that covers each length.
+    """
+    side = math.isqrt(_BLOCK_ELEMENTS // ((batch or 1) * heads))
+    side = max(_MIN_BLOCK, min(_MAX_BLOCK, 1 << (max(side, 1).bit_length() - 1)))
+
+    def fitted(length):
+        return min(side, 1 << max(length - 1, 0).bit_length())
+
+    return BlockSizes(fitted(queries), fitted(keys))
 
 
 def scores_are_large(query, key) -> bool:
@@ -71,7 +134,16 @@ class _Spec(NamedTuple):
 
 
 def blockwise_attention(
-    query, key, value, bias, keep, scale, temperature, is_causal, soft_cap
+    query,
+    key,
+    value,
+    bias,
+    keep,
+    scale,
+    temperature,
+    is_causal,
+    soft_cap,
+    block_sizes: BlockSizes | None = None,
 ):
     """Attention of checked, rank-4 inputs, computed over blocks.
 
@@ -86,13 +158,20 @@ def blockwise_attention(
         is_causal: Whether query `t` attends to keys `s <= t` only.
         soft_cap: None, or a positive float `c`: scores `s` become
             `c * tanh(s / c)` before the temperature and the masks.
+        block_sizes: A checked `BlockSizes`, or None for
+            `default_block_sizes`.
 
     Returns:
         The outputs, `(B, T, N, Hv)`.
     """
     batch, queries, heads, _ = _backend.static_shape(query)
     keys = key.shape[1]
-    block_queries, block_keys = _block_sizes(batch, heads, queries, keys)
+    if block_sizes is None:
+        block_queries, block_keys = default_block_sizes(batch, heads, queries, keys)
+    else:
+        # A block past the sequence's end would only compute padding.
+        block_queries = min(block_sizes.query, queries)
+        block_keys = min(block_sizes.key, keys)
     spec = _Spec(
         scale=scale,
         is_causal=is_causal,
@@ -118,17 +197,6 @@ def blockwise_attention(
         inputs.append(temperature)
     outputs = _rule(spec)(*inputs)
     return outputs[:, :queries]
-
-
-def _block_sizes(batch, heads, queries, keys):
-    """Square blocks of a power of two, `_BLOCK_ELEMENTS` scores per pair."""
-    side = math.isqrt(_BLOCK_ELEMENTS // ((batch or 1) * heads))
-    side = max(_MIN_BLOCK, min(_MAX_BLOCK, 1 << (max(side, 1).bit_length() - 1)))
-
-    def fitted(length):
-        return min(side, 1 << max(length - 1, 0).bit_length())
-
-    return fitted(queries), fitted(keys)
 
 
 def _pad_axis(x, axis, block, value=0):

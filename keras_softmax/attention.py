@@ -34,6 +34,7 @@ from keras_softmax import _dtypes
 from keras_softmax import _masks
 from keras_softmax import _numerics
 from keras_softmax import _temperature
+from keras_softmax._blockwise_attention import BlockSizes
 from keras_softmax.softmax import stable_softmax
 
 
@@ -48,6 +49,8 @@ def dot_product_attention(
     flash_attention: bool | None = None,
     attn_logits_soft_cap: float | None = None,
     temperature=1.0,
+    *,
+    block_sizes: BlockSizes | None = None,
 ):
     """Scaled dot-product attention in which a fully masked query gives 0.
 
@@ -92,6 +95,14 @@ def dot_product_attention(
             and the masks (Gemma 2's soft cap).
         temperature: Positive finite number, or scalar tensor, that divides
             the scaled and biased (and capped) scores before the softmax.
+        block_sizes: Optional `BlockSizes(query, key)`, or a pair of
+            positive integers: the queries and the keys in one block of
+            the blocks (taken with `flash_attention=True` where no fused
+            kernel serves the call, and for long sequences). The other
+            paths ignore it, and it never changes which path is taken. A
+            block longer than its sequence is cut to its length. `None`
+            chooses square blocks of about 2**21 scores over the batch
+            and the heads.
 
     Returns:
         The attention output, of shape `(B, T, N, value.shape[-1])`, in the
@@ -131,6 +142,7 @@ def dot_product_attention(
         flash_attention=flash_attention,
         attn_logits_soft_cap=attn_logits_soft_cap,
         temperature=temperature,
+        block_sizes=block_sizes,
     )
     if symbolic:
         # In a functional model: shapes may be unknown until called.
@@ -150,10 +162,17 @@ class _Options(NamedTuple):
     temperature: _temperature.Temperature
     flash_attention: bool | None
     soft_cap: float | None
+    block_sizes: BlockSizes | None
 
 
 def _options(
-    query, scale, is_causal, flash_attention, attn_logits_soft_cap, temperature
+    query,
+    scale,
+    is_causal,
+    flash_attention,
+    attn_logits_soft_cap,
+    temperature,
+    block_sizes=None,
 ) -> _Options:
     """The arguments checked, each error naming its argument."""
     if scale is None:
@@ -176,6 +195,7 @@ def _options(
             open_minimum=True,
             allow_none=True,
         ),
+        block_sizes=_blockwise_attention.check_block_sizes(block_sizes),
     )
 
 
@@ -194,6 +214,7 @@ def _attend_checked(query, key, value, bias, mask, options: _Options):
         flash_attention=options.flash_attention,
         soft_cap=options.soft_cap,
         is_causal=options.is_causal,
+        block_sizes=options.block_sizes,
     )
     return outputs
 
@@ -204,8 +225,8 @@ class DotProductAttentionOperation(keras.Operation):
 
     Args:
         scale, is_causal, flash_attention, attn_logits_soft_cap,
-        temperature: As for `dot_product_attention`; the temperature a
-            Python number, so that the model saves.
+        temperature, block_sizes: As for `dot_product_attention`; the
+            temperature a Python number, so that the model saves.
     """
 
     def __init__(
@@ -216,6 +237,7 @@ class DotProductAttentionOperation(keras.Operation):
         attn_logits_soft_cap=None,
         temperature=1.0,
         *,
+        block_sizes=None,
         name=None,
     ):
         super().__init__(name=name)
@@ -232,6 +254,7 @@ class DotProductAttentionOperation(keras.Operation):
             ),
             attn_logits_soft_cap=attn_logits_soft_cap,
             temperature=_temperature.check_temperature_value(temperature),
+            block_sizes=_blockwise_attention.check_block_sizes(block_sizes),
         )
 
     def call(self, query, key, value, bias=None, mask=None):
@@ -245,7 +268,11 @@ class DotProductAttentionOperation(keras.Operation):
         return keras.KerasTensor(shape, dtype=query.dtype)
 
     def get_config(self):
-        return {**self.config, "name": self.name}
+        config = {**self.config, "name": self.name}
+        if config["block_sizes"] is not None:
+            # A list in the saved JSON; `__init__` makes it `BlockSizes` again.
+            config["block_sizes"] = list(config["block_sizes"])
+        return config
 
 
 def attend(
@@ -261,6 +288,7 @@ def attend(
     flash_attention=None,
     soft_cap=None,
     is_causal=False,
+    block_sizes=None,
 ):
     """Attention of checked, rank-4 inputs: `(outputs, weights)`.
 
@@ -280,6 +308,8 @@ def attend(
         soft_cap: Optional positive float `c`: scores `s` become
             `c * tanh(s / c)`, before the temperature and the masks.
         is_causal: Whether query `t` attends to keys `s <= t` only.
+        block_sizes: A checked `BlockSizes` for the blocks, or None (their
+            default for the shape).
     """
     # Keras' TensorFlow backend repeats grouped heads only when there are
     # several (as of Keras 3.15), so a single key head is repeated here.
@@ -309,7 +339,16 @@ def attend(
         path = _path(query, key, value, bias, keep, choice, keras_flash=False)
     if path == "blocks":
         return _blocks(
-            query, key, value, bias, keep, scale, temperature, is_causal, soft_cap
+            query,
+            key,
+            value,
+            bias,
+            keep,
+            scale,
+            temperature,
+            is_causal,
+            soft_cap,
+            block_sizes,
         ), None
     # The other paths take the causal mask as a mask, but where they have
     # a native causal flag and no other mask: folded here, once.
@@ -421,7 +460,9 @@ def _sdpa_attention(query, key, value, keep, scale, is_causal):
     return outputs.transpose(1, 2)
 
 
-def _blocks(query, key, value, bias, keep, scale, temperature, is_causal, soft_cap):
+def _blocks(
+    query, key, value, bias, keep, scale, temperature, is_causal, soft_cap, block_sizes
+):
     """The blocks, in the compute dtype, returned in the values' dtype."""
     dtype = _dtypes.compute_dtype(query.dtype)
     outputs = _blockwise_attention.blockwise_attention(
@@ -432,6 +473,7 @@ def _blocks(query, key, value, bias, keep, scale, temperature, is_causal, soft_c
         temperature.tensor(dtype),
         is_causal,
         soft_cap,
+        block_sizes,
     )
     return ops.cast(outputs, value.dtype)
 

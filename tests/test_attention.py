@@ -1,5 +1,6 @@
 """`dot_product_attention`: Keras' attention, with fully masked queries at 0."""
 
+import re
 from unittest import mock
 
 import keras
@@ -13,7 +14,8 @@ from support.backends import compiled
 from support.backends import gradient
 from support.backends import jacobian
 from support.backends import traced
-from support.blocks import small_blocks
+from support.blocks import SMALL
+from support.blocks import SMALL_BLOCKS
 from support.references import attention as reference_attention
 from support.references import live_queries
 from support.references import numerical_jacobian
@@ -21,6 +23,7 @@ from support.references import output_tolerance
 from support.references import to_numpy
 
 from keras_softmax import dot_product_attention
+from keras_softmax.attention import BlockSizes
 
 
 @st.composite
@@ -66,7 +69,7 @@ def _full_mask(case):
 # The path chosen at these sizes (the full scores), and blocks of two
 # queries and two keys (FlashAttention's algorithm, or on PyTorch its SDPA
 # where the arguments allow).
-PATHS = {"chosen": None, "blocks": True}
+PATHS = {"chosen": {}, "blocks": SMALL_BLOCKS}
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -74,8 +77,7 @@ PATHS = {"chosen": None, "blocks": True}
 def test_matches_float64_reference_and_fully_masked_queries_are_exactly_zero(
     path, case
 ):
-    with small_blocks():
-        actual = to_numpy(dot_product_attention(**case, flash_attention=PATHS[path]))
+    actual = to_numpy(dot_product_attention(**case, **PATHS[path]))
     expected, _ = reference_attention(**{**case, "mask": _full_mask(case)})
     q = case["query"]
     live = live_queries(
@@ -156,17 +158,11 @@ def test_huge_scores_give_the_reference_and_finite_gradients(path):
     mask = rng.random((2, 1, 4, 5)) < 0.6
     mask[0, 0, 1] = False
     for temperature in (1.0, 3.0, 0.25):
-        with small_blocks():
-            actual = to_numpy(
-                dot_product_attention(
-                    q,
-                    k,
-                    v,
-                    mask=mask,
-                    temperature=temperature,
-                    flash_attention=PATHS[path],
-                )
+        actual = to_numpy(
+            dot_product_attention(
+                q, k, v, mask=mask, temperature=temperature, **PATHS[path]
             )
+        )
         expected, _ = reference_attention(q, k, v, mask=mask, temperature=temperature)
         # Scores of about 1e36, apart by far more than their rounding: each
         # live query takes its best key's value, exactly.
@@ -178,13 +174,9 @@ def test_huge_scores_give_the_reference_and_finite_gradients(path):
             def loss(x, wrt=wrt, inputs=inputs, temperature=temperature):
                 args = list(inputs)
                 args[wrt] = keras.ops.cast(x, "float32")
-                with small_blocks():
-                    return dot_product_attention(
-                        *args,
-                        mask=mask,
-                        temperature=temperature,
-                        flash_attention=PATHS[path],
-                    )
+                return dot_product_attention(
+                    *args, mask=mask, temperature=temperature, **PATHS[path]
+                )
 
             grad = gradient(loss, inputs[wrt])
             assert np.all(np.isfinite(grad)), (wrt, temperature)
@@ -213,17 +205,16 @@ def test_gradient_matches_central_differences_and_is_zero_for_dead_queries(
 
     def ours(x):
         q, k, v = split(x)
-        with small_blocks():
-            return dot_product_attention(
-                q,
-                k,
-                v,
-                bias=bias,
-                mask=mask,
-                temperature=temperature,
-                attn_logits_soft_cap=soft_cap,
-                flash_attention=PATHS[path],
-            )
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            bias=bias,
+            mask=mask,
+            temperature=temperature,
+            attn_logits_soft_cap=soft_cap,
+            **PATHS[path],
+        )
 
     def reference(x):
         q, k, v = split(x, np.reshape)
@@ -423,29 +414,152 @@ def test_flash_attention_true_raises_naming_it_where_lengths_are_unknown():
         attend.get_concrete_function()
 
 
-def test_blocks_are_chosen_for_large_scores_and_change_results_by_rounding_only():
+def _spy_on_the_blocks():
+    """A spy on the blocks' kernel: each call's first argument fixes its blocks."""
+    from keras_softmax import _blockwise_attention
+
+    return mock.patch.object(
+        _blockwise_attention, "_rule", wraps=_blockwise_attention._rule
+    )
+
+
+def _blocks_of(spy):
+    """The (query, key) block sizes of the spied kernel's only call."""
+    assert spy.call_count == 1
+    spec = spy.call_args.args[0]
+    return spec.block_queries, spec.block_keys
+
+
+def test_blocks_are_chosen_from_large_scores_at_their_default_sizes():
+    from keras_softmax import _blockwise_attention
+
+    # The threshold is a policy, not a block size: reached for real here.
+    # (A temperature below 1 keeps eager PyTorch off its SDPA.)
+    batch, length, heads = 1, 2048, 4
+    assert batch * heads * length * length == _blockwise_attention.LARGE_SCORES
+    below = np.ones((batch, length - 1, heads, 4), "float32")
+    assert describe(below, temperature=0.7) == "explicit"
+    rng = np.random.default_rng(8)
+    q, k, v = (
+        rng.normal(size=(batch, length, heads, 4)).astype("float32") for _ in range(3)
+    )
+    mask = rng.random((batch, 1, 1, length)) < 0.8
+    mask[..., 0] = False  # causal: the first query keeps no key
+    case = dict(mask=mask, is_causal=True, temperature=0.7)
+    with _spy_on_the_blocks() as spy:
+        chosen = to_numpy(dot_product_attention(q, k, v, **case))
+    default = _blockwise_attention.default_block_sizes(batch, heads, length, length)
+    assert _blocks_of(spy) == default == (512, 512)
+    np.testing.assert_array_equal(chosen[0, 0], 0.0)
+    # The first 640 queries (two blocks) attend to the first 640 keys only.
+    n = 640
+    expected, _ = reference_attention(
+        q[:, :n], k[:, :n], v[:, :n], **{**case, "mask": mask[..., :n]}
+    )
+    allowed = output_tolerance(q[:, :n], k[:, :n], v[:, :n], temperature=0.7)
+    assert np.all(np.abs(chosen[:, :n] - expected) <= allowed)
+
+
+def test_the_blocks_change_results_by_rounding_only():
     rng = np.random.default_rng(8)
     q, k, v = (rng.normal(size=(2, 9, 2, 4)).astype("float32") for _ in range(3))
     mask = rng.random((2, 1, 1, 9)) < 0.8
     mask[1, 0, 0, :] = False
     case = dict(query=q, key=k, value=v, mask=mask, is_causal=True, temperature=0.7)
-    from keras_softmax import _blockwise_attention
-
-    with (
-        small_blocks(large_scores=64),
-        mock.patch.object(
-            _blockwise_attention,
-            "blockwise_attention",
-            wraps=_blockwise_attention.blockwise_attention,
-        ) as blocks,
-    ):
-        chosen = to_numpy(dot_product_attention(**case))
-        assert blocks.call_count == 1  # 2 * 2 * 9 * 9 scores >= 64
+    with _spy_on_the_blocks() as spy:
+        blocks = to_numpy(dot_product_attention(**case, **SMALL_BLOCKS))
+        assert _blocks_of(spy) == SMALL  # 5 blocks of queries, and of keys
         full = to_numpy(dot_product_attention(**case, flash_attention=False))
-        assert blocks.call_count == 1
-    np.testing.assert_array_equal(chosen[1], 0.0)
+        assert spy.call_count == 1
+    np.testing.assert_array_equal(blocks[1], 0.0)
     allowed = output_tolerance(q, k, v, temperature=0.7)
-    assert np.all(np.abs(chosen - full) <= 2 * allowed)
+    assert np.all(np.abs(blocks - full) <= 2 * allowed)
+
+
+@pytest.mark.parametrize(
+    "block_sizes, blocks",
+    [
+        (None, (16, 8)),  # the default: one block of each, padded
+        (BlockSizes(1, 1), (1, 1)),
+        (BlockSizes(2, 3), (2, 3)),
+        ((4, 2), (4, 2)),  # any pair
+        (BlockSizes(64, 5), (9, 5)),  # cut to the 9 queries
+    ],
+)
+def test_block_sizes_set_the_blocks_and_keep_the_reference_result(block_sizes, blocks):
+    rng = np.random.default_rng(10)
+    q = rng.normal(size=(2, 9, 2, 4)).astype("float32")
+    k, v = (rng.normal(size=(2, 7, 2, 4)).astype("float32") for _ in range(2))
+    bias = rng.normal(size=(2, 1, 9, 7)).astype("float32")
+    mask = rng.random((2, 1, 9, 7)) < 0.7
+    mask[1, :, 6] = False
+    case = dict(query=q, key=k, value=v, bias=bias, mask=mask, is_causal=True)
+    case["temperature"] = 0.5
+    with _spy_on_the_blocks() as spy:
+        actual = to_numpy(
+            dot_product_attention(**case, flash_attention=True, block_sizes=block_sizes)
+        )
+    assert _blocks_of(spy) == blocks
+    expected, _ = reference_attention(**case)
+    np.testing.assert_array_equal(actual[1, 6], 0.0)
+    allowed = output_tolerance(q, k, v, bias, temperature=0.5)
+    assert np.all(np.abs(actual - expected) <= allowed)
+    # Where the blocks do not compute the call, the sizes change nothing.
+    with _spy_on_the_blocks() as spy:
+        full = dot_product_attention(**case, block_sizes=block_sizes)
+    assert spy.call_count == 0
+    np.testing.assert_array_equal(
+        to_numpy(full), to_numpy(dot_product_attention(**case))
+    )
+
+
+@pytest.mark.parametrize(
+    "block_sizes, message",
+    [
+        (
+            (0, 2),
+            "`block_sizes.query` must be a positive integer. "
+            "Received: block_sizes.query=0",
+        ),
+        (
+            BlockSizes(2, 1.5),
+            "`block_sizes.key` must be a positive integer. "
+            "Received: block_sizes.key=1.5",
+        ),
+        ((2, True), "Received: block_sizes.key=True"),
+        (
+            4,
+            "`block_sizes` must be a `BlockSizes(query, key)` of positive "
+            "integers, or None. Received: block_sizes=4",
+        ),
+        ((1, 2, 3), "Received: block_sizes=(1, 2, 3)"),
+    ],
+)
+def test_bad_block_sizes_raise_a_value_error_naming_them(block_sizes, message):
+    q = np.zeros((1, 3, 1, 4), "float32")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dot_product_attention(q, q, q, flash_attention=True, block_sizes=block_sizes)
+    symbolic = keras.Input((3, 1, 4))  # checked when the model is built
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dot_product_attention(symbolic, symbolic, symbolic, block_sizes=block_sizes)
+
+
+def test_block_sizes_of_a_functional_model_save_and_reload(tmp_path):
+    q = keras.Input((5, 2, 4))
+    out = dot_product_attention(
+        q, q, q, is_causal=True, temperature=0.5, **SMALL_BLOCKS
+    )
+    model = keras.Model(q, out)
+    path = str(tmp_path / "blocks.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    x = np.random.default_rng(3).normal(size=(2, 5, 2, 4)).astype("float32")
+    with _spy_on_the_blocks() as spy:
+        actual = to_numpy(reloaded(x))
+    assert _blocks_of(spy) == SMALL
+    np.testing.assert_array_equal(actual, to_numpy(model(x)))
+    expected, _ = reference_attention(x, x, x, is_causal=True, temperature=0.5)
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="reads the traced program (jaxpr)")
@@ -458,12 +572,17 @@ def test_blocks_never_build_the_scores_forward_or_backward():
 
     def loss(q):
         out = dot_product_attention(
-            q, q, q, mask=mask, is_causal=True, flash_attention=True
+            q,
+            q,
+            q,
+            mask=mask,
+            is_causal=True,
+            flash_attention=True,
+            block_sizes=BlockSizes(8, 8),
         )
         return keras.ops.sum(out)
 
-    with small_blocks(side=8):
-        program = jax.make_jaxpr(jax.grad(loss))(q)
+    program = jax.make_jaxpr(jax.grad(loss))(q)
     sizes = []
 
     def walk(jaxpr):
@@ -505,10 +624,9 @@ def test_pytorch_sdpa_agrees_with_the_blocks_formula_and_zeroes_dead_queries():
         native = attention._sdpa_attention(*inputs, folded, 0.5, False)
         (native * torch.arange(1.0, 5.0)).sum().backward()
         blocks_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        with small_blocks():
-            formula = _blockwise_attention.blockwise_attention(
-                *blocks_inputs, None, keep, 0.5, None, is_causal, None
-            )
+        formula = _blockwise_attention.blockwise_attention(
+            *blocks_inputs, None, keep, 0.5, None, is_causal, None, SMALL
+        )
         (formula * torch.arange(1.0, 5.0)).sum().backward()
         np.testing.assert_array_equal(to_numpy(native)[1, 3], 0.0)
         np.testing.assert_allclose(to_numpy(native), to_numpy(formula), atol=1e-6)

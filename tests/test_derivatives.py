@@ -19,7 +19,7 @@ from support.backends import REVERSE_MODE
 from support.backends import SECOND_ORDER
 from support.backends import compiled
 from support.backends import traced
-from support.blocks import small_blocks
+from support.blocks import SMALL_BLOCKS
 from support.references import numerical_jacobian
 from support.references import to_numpy
 
@@ -197,18 +197,17 @@ def _blocks_subjects():
     bias = np.array([[[[0.4, -0.3, 0.1], [0.2, 0.5, -0.6]]]])
 
     def attend(q, k, v, t):
-        with small_blocks():
-            return dot_product_attention(
-                q,
-                k,
-                v,
-                bias=bias,
-                mask=mask,
-                is_causal=True,
-                temperature=t,
-                attn_logits_soft_cap=2.0,
-                flash_attention=True,
-            )
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            bias=bias,
+            mask=mask,
+            is_causal=True,
+            temperature=t,
+            attn_logits_soft_cap=2.0,
+            **SMALL_BLOCKS,
+        )
 
     return {
         "dot_product_attention, blocks, tensor T, soft cap": Subject(

@@ -1,17 +1,22 @@
 """`StableMultiHeadAttention`: Keras' layer, without attention to padding."""
 
+import functools
+from unittest import mock
+
 import keras
 import numpy as np
 import pytest
 from support.backends import BACKEND
 from support.backends import exports
-from support.blocks import small_blocks
+from support.blocks import SMALL
 from support.references import FLOAT32_EPS
 from support.references import attention as reference_attention
 from support.references import to_numpy
 
 import keras_softmax
 from keras_softmax import StableMultiHeadAttention
+from keras_softmax import _blockwise_attention
+from keras_softmax import attention
 from keras_softmax.demo import serving
 
 
@@ -127,8 +132,19 @@ def test_flash_attention_takes_blocks_with_the_reference_result(temperature):
     mask = np.random.default_rng(5).random((3, 9, 9)) < 0.7
     mask[1, 4] = False
     causal = np.tril(np.ones((9, 9), bool))
-    with small_blocks():
+    # The layer has no block sizes of its own: small ones reach the blocks
+    # through `attend`, the body it shares with `dot_product_attention`.
+    small = functools.partial(attention.attend, block_sizes=SMALL)
+    rule = _blockwise_attention._rule
+    with (
+        mock.patch.object(attention, "attend", small),
+        mock.patch.object(_blockwise_attention, "_rule", wraps=rule) as blocks,
+    ):
         out = to_numpy(ours(x, x, attention_mask=mask, use_causal_mask=True))
+    if BACKEND != "torch" or temperature < 1.0:  # else PyTorch's own SDPA
+        assert blocks.call_count == 1
+        spec = blocks.call_args.args[0]
+        assert (spec.block_queries, spec.block_keys) == SMALL
     expected, _ = _projected_reference(ours, x, x, mask & causal)
     bias = to_numpy(ours.output_dense.bias)
     np.testing.assert_array_equal(out[1, 4], bias)

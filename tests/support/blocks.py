@@ -1,17 +1,10 @@
 """Blocks small enough that short test sequences span several."""
 
-import contextlib
-from unittest import mock
+from keras_softmax.attention import BlockSizes
 
-
-@contextlib.contextmanager
-def small_blocks(side=2, large_scores=None):
-    """Blocks of `side` queries and keys; chosen from `large_scores` scores
-    if given (else at the library's size, which no test reaches)."""
-    from keras_softmax import _blockwise_attention
-
-    sizes = dict(_BLOCK_ELEMENTS=side * side, _MIN_BLOCK=side, _MAX_BLOCK=side)
-    if large_scores is not None:
-        sizes["LARGE_SCORES"] = large_scores
-    with mock.patch.multiple(_blockwise_attention, **sizes):
-        yield
+# Two queries and two keys a block: a sequence of 3 or more spans several,
+# the last one padded where its length is odd.
+SMALL = BlockSizes(query=2, key=2)
+# `flash_attention=True` with SMALL blocks: the blocks wherever the call
+# allows (on eager PyTorch, its SDPA where it gives our result).
+SMALL_BLOCKS = {"flash_attention": True, "block_sizes": SMALL}
