@@ -17,12 +17,16 @@ Activation names (registered by `import keras_softmax`):
 Attention:
     dot_product_attention: `keras.ops.dot_product_attention` in which a
         fully masked query gives 0.
+    BlockSizes: the blocks' query and key sizes, for `block_sizes=`.
     StableMultiHeadAttention: `keras.layers.MultiHeadAttention` that never
         attends to padding.
 
 Large vocabularies:
-    StableSoftmaxHead: a `Dense(V)` softmax head whose training loss never
-        builds the `[tokens, V]` logits.
+    StableSoftmaxHead: a `Dense(V)` softmax head, or one tied to an
+        embedding table, whose loss and metrics never build the
+        `[tokens, V]` logits.
+    FusedHeadModel: a functional model whose `evaluate` keeps its head
+        fused too.
     linear_cross_entropy: the cross-entropy of `inputs @ kernel + bias`,
         a chunk of tokens at a time.
 
@@ -46,7 +50,9 @@ except ModuleNotFoundError as error:
     _extras.raise_missing_backend(error)
 
 from keras_softmax import calibration
+from keras_softmax.attention import BlockSizes
 from keras_softmax.attention import dot_product_attention
+from keras_softmax.head import FusedHeadModel
 from keras_softmax.head import StableSoftmaxHead
 from keras_softmax.layer import StableSoftmax
 from keras_softmax.linear_cross_entropy import linear_cross_entropy
@@ -59,6 +65,8 @@ from keras_softmax.softmax import stable_softmax
 # editable or not, carries it in its metadata.
 __version__ = importlib.metadata.version("keras-softmax")
 __all__ = [
+    "BlockSizes",
+    "FusedHeadModel",
     "StableMultiHeadAttention",
     "StableSoftmax",
     "StableSoftmaxHead",

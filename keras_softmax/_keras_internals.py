@@ -89,6 +89,12 @@ def operation_of(tensor):
     return tensor._keras_history.operation
 
 
+def is_emptied(variable) -> bool:
+    """Whether JAX's trainer has emptied `variable` for a jitted step, which
+    then reads it only from its state (`KerasVariable._value`, 3.15)."""
+    return getattr(variable, "_value", True) is None
+
+
 def is_functorch_wrapped(tensor) -> bool:
     """Whether `tensor` is wrapped by a `torch.func` transform (PyTorch 2.13)."""
     import torch

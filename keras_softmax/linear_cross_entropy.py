@@ -303,22 +303,13 @@ class _Spec(NamedTuple):
 def _through_rule(args: _Arguments, rule, weights):
     """`rule`'s output on the chunked arguments, with its custom derivative."""
     per_position = rule is _per_position_rule
-    n = args.hidden.shape[0]
-    if n == 0:
+    if args.hidden.shape[0] == 0:
         # No position: a loss of 0 (`[]` per position), with zero gradients.
         zero = ops.sum(args.kernel) * 0.0 + ops.sum(weights) * 0.0
         return ops.zeros((0,), zero.dtype) + zero if per_position else zero
-    if n is None:  # a traced batch of unknown size
-        n = ops.shape(args.hidden)[0]
-        chunk = args.chunk
-    else:
-        chunk = min(args.chunk, max(n, 1))
-    pad = (-n) % chunk
-    hidden, labels = args.hidden, args.labels
-    if not isinstance(pad, int) or pad:
-        hidden = ops.pad(hidden, ((0, pad), (0, 0)))
-        labels = ops.pad(labels, ((0, pad),))
-        weights = ops.pad(weights, ((0, pad),))
+    n, chunk, (hidden, labels, weights) = _padded_to_chunks(
+        args.chunk, args.hidden, args.labels, weights
+    )
     spec = _Spec(
         args.soft_cap,
         args.smoothing,
@@ -333,6 +324,23 @@ def _through_rule(args: _Arguments, rule, weights):
     t = ops.ones((), dtype) if args.temperature is None else args.temperature
     out = rule(spec)(hidden, args.kernel, bias, t, labels, weights)
     return out if len(out.shape) == 0 else out[:n]
+
+
+def _padded_to_chunks(chunk, hidden, *per_position):
+    """The positions `n`, the chunk, and `hidden` `[n, D]` and the `[n]`
+    tensors padded to a whole number of chunks."""
+    n = hidden.shape[0]
+    if n is None:  # a traced batch of unknown size
+        n = ops.shape(hidden)[0]
+    else:
+        chunk = min(chunk, max(n, 1))
+    pad = (-n) % chunk
+    tensors = (hidden, *per_position)
+    if not isinstance(pad, int) or pad:
+        tensors = tuple(
+            ops.pad(t, ((0, pad),) + ((0, 0),) * (len(t.shape) - 1)) for t in tensors
+        )
+    return n, chunk, tensors
 
 
 def _weighted(losses, weights):
@@ -506,3 +514,73 @@ def _split(spec, h, *per_position):
     return (ops.reshape(h, (-1, spec.chunk, h.shape[-1])),) + tuple(
         ops.reshape(a, (-1, spec.chunk)) for a in per_position
     )
+
+
+def linear_top_k_hits(
+    labels,
+    inputs,
+    kernel,
+    bias=None,
+    *,
+    k: int = 1,
+    transpose_kernel: bool = False,
+    logit_soft_cap: float | None = None,
+    chunk_size: int | None = None,
+):
+    """Whether each label is among the `k` largest logits, without the logits.
+
+    With `logits = inputs @ kernel + bias` (soft-capped if asked), a
+    position hits where fewer than `k` classes rank above its label: a
+    larger logit, or an equal one at a lower class id. At `k = 1` that is
+    `argmax(logits) == label`, Keras' sparse categorical accuracy. A
+    temperature changes no rank, so takes no part.
+
+    Args:
+        labels: Integer class ids, of the leading shape of `inputs`.
+        inputs: Hidden states `[..., D]`.
+        kernel: `[D, V]`; `[V, D]` with `transpose_kernel=True`.
+        bias: Optional `[V]`.
+        k: How many of the largest logits count.
+        transpose_kernel: As in `linear_cross_entropy`.
+        logit_soft_cap: As in `linear_cross_entropy`.
+        chunk_size: As in `linear_cross_entropy`.
+
+    Returns:
+        1.0 where the label is in the top `k`, else 0.0, of `labels`' shape.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_softmax.linear_cross_entropy import linear_top_k_hits
+    >>> inputs = np.array([[1.0, 0.0], [0.0, 1.0]], "float32")
+    >>> kernel = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]], "float32")
+    >>> np.asarray(linear_top_k_hits([0, 0], inputs, kernel)).tolist()
+    [1.0, 0.0]
+    """
+    args = _checked_arguments(
+        labels, inputs, kernel, bias, None, transpose_kernel, 1.0,
+        logit_soft_cap, 0.0, 0.0, None, None, chunk_size,
+    )  # fmt: skip
+    k = _arguments.check_positive_integer("k", k)
+    if args.hidden.shape[0] == 0:
+        return ops.zeros(args.leading_shape, args.hidden.dtype)
+    n, chunk, (hidden, labels) = _padded_to_chunks(args.chunk, args.hidden, args.labels)
+    spec = _Spec(args.soft_cap, 0.0, 0.0, False, args.transposed, chunk)
+    vocabulary = args.kernel.shape[0 if args.transposed else 1]
+    bias = 0.0 if args.bias is None else args.bias
+    classes = ops.arange(vocabulary, dtype="int32")[None, :]
+
+    def step(carry, xs):
+        h_c, y_c = xs
+        logits = _backend.matmul(h_c, args.kernel, transpose_b=spec.transposed)
+        logits = _numerics.soft_cap(logits + bias, spec.soft_cap)
+        picked = ops.take_along_axis(logits, y_c[:, None], axis=-1)
+        above = ops.logical_or(
+            logits > picked, ops.logical_and(logits == picked, classes < y_c[:, None])
+        )
+        ranks = ops.sum(ops.cast(above, "int32"), axis=-1)
+        return carry, (ops.cast(ranks < k, args.hidden.dtype),)
+
+    _, (hits,) = _backend.scan(step, (), _split(spec, hidden, labels))
+    hits = ops.reshape(hits, (-1,))[:n] + args.poison
+    return ops.reshape(hits, args.leading_shape)
