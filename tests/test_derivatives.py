@@ -188,6 +188,27 @@ def _cross_entropy_subjects():
             bias,
             np.array(1.3),
         ),
+        # A tied `[V, D]` table, and the sample weights' own gradient
+        # through Keras' weighted mean.
+        "linear_cross_entropy, tied, mean_with_sample_weight": Subject(
+            lambda h, table, b, weights: ops.reshape(
+                linear_cross_entropy(
+                    labels,
+                    h,
+                    table,
+                    b,
+                    sample_weight=weights,
+                    transpose_kernel=True,
+                    reduction="mean_with_sample_weight",
+                    **options,
+                ),
+                (1,),
+            ),  # fmt: skip
+            hidden,
+            kernel.T.copy(),
+            bias,
+            np.array([0.5, 1.0, 0.0, 2.0, 1.5]),
+        ),
     }
 
 
