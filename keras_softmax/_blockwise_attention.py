@@ -23,6 +23,7 @@ import math
 from typing import NamedTuple
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_softmax import _arguments
@@ -297,6 +298,23 @@ def _over_temperature(spec, x, temperature):
     return x / temperature if spec.tempered else x
 
 
+def _shifted(spec, scores, shift):
+    """`scores - shift`, the exponent before the temperature divides it.
+
+    Under a temperature, a score within two ulps of the shift counts as the
+    shift itself: a compiler may round the scores differently where it
+    takes their maximum and where it shifts them (XLA on a CPU does), and
+    divided by a tiny temperature one ulp is the whole distribution. The
+    scores' own rounding is larger than that.
+    """
+    shifted = scores - shift
+    if not spec.tempered:
+        return shifted
+    epsilon = float(np.finfo(keras.backend.standardize_dtype(scores.dtype)).eps)
+    tolerance = (2 * epsilon) * ops.abs(shift)
+    return ops.where(shifted > -tolerance, 0.0, shifted)
+
+
 def _blocks(x, block):
     """`(B, L, ...)` as `(L / block, B, block, ...)`."""
     shape = tuple(ops.shape(x))
@@ -353,7 +371,9 @@ def _forward(spec, x: _Inputs):
                 shift, ops.max(block.scores, -1, keepdims=True)
             )
             exps = ops.exp(
-                _over_temperature(spec, block.scores - new_shift, x.temperature)
+                _over_temperature(
+                    spec, _shifted(spec, block.scores, new_shift), x.temperature
+                )
             )
             if block.kept is not None:
                 exps = ops.where(block.kept, exps, 0.0)
@@ -408,7 +428,7 @@ def _backward(spec, x: _Inputs, saved, upstream):
             query_i, upstream_i = query_blocks[i], upstream_blocks[i]
             shift_i, inverse_i = shift[i], inverse_total[i]
             block = _block_scores(spec, x, i, j, query_i, key_j)
-            shifted = block.scores - shift_i
+            shifted = _shifted(spec, block.scores, shift_i)
             weights = ops.exp(_over_temperature(spec, shifted, x.temperature))
             weights = weights * inverse_i
             if block.kept is not None:
@@ -418,12 +438,11 @@ def _backward(spec, x: _Inputs, saved, upstream):
             d_scores = weights * (d_weights - delta_blocks[i])
             if spec.tempered:
                 # z = (s - m) / t: dz/dt = -(s - m) / t^2, and s - m is finite
-                # wherever the weight is positive. Divided twice: t^2
-                # underflows for a temperature below 1e-19 in float32.
+                # wherever the weight is positive. Divided by t here and once
+                # more after the loop: t^2 underflows for a temperature below
+                # 1e-19 in float32, and XLA rewrites a / t / t as a / (t * t).
                 moment = ops.where(weights > 0, d_scores * shifted, 0.0)
-                d_temperature = (
-                    d_temperature - ops.sum(moment) / x.temperature / x.temperature
-                )
+                d_temperature = d_temperature - ops.sum(moment) / x.temperature
                 d_scores = d_scores / x.temperature
             if spec.soft_cap is not None:
                 d_scores = d_scores * _numerics.soft_cap_derivative(
@@ -467,7 +486,7 @@ def _backward(spec, x: _Inputs, saved, upstream):
         _unblocks(d_value),
         d_bias if spec.biased else _ABSENT,
         None if spec.masked else _ABSENT,
-        d_temperature if spec.tempered else _ABSENT,
+        d_temperature / x.temperature if spec.tempered else _ABSENT,
     )
 
 

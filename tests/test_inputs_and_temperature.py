@@ -360,16 +360,10 @@ def test_as_a_layer_after_dense_it_consumes_the_mask_without_warning():
     "path", ["stable_softmax", "attention", "attention_blocks"], ids=str
 )
 def test_temperature_gradients_are_finite_for_any_positive_temperature(
-    path, temperature, request
+    path, temperature
 ):
     """Autodiff's derivative of `x / t` squares `t`, which underflows for a
     tiny temperature (below 1e-154 in float64); 0 times its inverse is NaN."""
-    if path == "attention_blocks" and BACKEND == "jax" and temperature == 1e-160:
-        # Open, and asserted so: on JAX (XLA on a CPU) the blocks' scores are
-        # rounded differently for the running maximum and for the shift, and
-        # at such a temperature one ulp between them is the whole
-        # distribution (outputs of 0 and NaN, not only the derivative).
-        request.applymarker(pytest.mark.xfail(strict=True, reason="open: see above"))
     rng = np.random.default_rng(4)
     x = rng.normal(size=(2, 3)) * 3
     mask = np.array([[True, True, False], [True, True, True]])
@@ -390,3 +384,23 @@ def test_temperature_gradients_are_finite_for_any_positive_temperature(
     if temperature < 1e-8:
         # A one-hot distribution: nothing moves with the temperature.
         assert derivative == 0.0
+
+
+@pytest.mark.parametrize(
+    "dtype, temperature", [("float64", 1e-160), ("float32", 1e-20)]
+)
+def test_the_blocks_at_a_tiny_temperature_attend_to_the_largest_score_alone(
+    dtype, temperature
+):
+    # Divided by such a temperature, one ulp between the scores' maximum and
+    # their shift is the whole distribution (XLA on a CPU rounds the two
+    # differently): the blocks snap scores within two ulps to the maximum.
+    q = np.random.default_rng(4).normal(size=(1, 4, 1, 3)).astype(dtype)
+    t = keras.ops.convert_to_tensor(np.array(temperature, dtype))
+    blocks = keras_softmax.dot_product_attention(
+        q, q, q, temperature=t, flash_attention=True
+    )
+    scores = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), q.astype(np.float64))
+    one_hot = scores == scores.max(-1, keepdims=True)
+    expected = np.einsum("bhqk,bkhd->bqhd", one_hot / one_hot.sum(-1, keepdims=True), q)
+    np.testing.assert_allclose(to_numpy(blocks), expected, rtol=1e-6)
