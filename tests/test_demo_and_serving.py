@@ -12,13 +12,13 @@ import pytest
 from support.backends import BACKEND
 from support.backends import exports
 from support.backends import once
+from support.fresh_process import run_python
 
 from keras_softmax import StableSoftmax
 from keras_softmax.demo import digits
 from keras_softmax.demo import distributed
 from keras_softmax.demo import quiet
 from keras_softmax.demo import serving
-from keras_softmax.demo.fresh_process import run_python
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "saved_models"

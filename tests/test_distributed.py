@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 from support.backends import BACKEND
+from support.fresh_process import check_python
+from support.fresh_process import run_python
 
 from keras_softmax import demo
-from keras_softmax.demo.fresh_process import check_python
-from keras_softmax.demo.fresh_process import run_python
 
 
 def test_data_parallel_training_over_two_devices_reaches_single_device_accuracy():

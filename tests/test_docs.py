@@ -21,10 +21,10 @@ import griffe
 import pytest
 import yaml
 from support.backends import once
+from support.fresh_process import check_python
 
 import keras_softmax
 from keras_softmax import calibration
-from keras_softmax.demo.fresh_process import check_python
 from keras_softmax.registration import ACTIVATIONS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

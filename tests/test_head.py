@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from support.backends import BACKEND
 from support.backends import exports
+from support.fresh_process import check_python
 from support.references import to_numpy
 
 import keras_softmax
 from keras_softmax import StableSoftmax
 from keras_softmax import StableSoftmaxHead
 from keras_softmax.demo import serving
-from keras_softmax.demo.fresh_process import check_python
 
 DEPTH, VOCABULARY = 6, 23
 

@@ -11,6 +11,7 @@ import pytest
 from support.backends import BACKEND
 from support.backends import compiled
 from support.backends import traced
+from support.fresh_process import check_python
 from support.references import assert_close_to_reference
 from support.references import log_softmax as reference_log_softmax
 from support.references import softmax as reference_softmax
@@ -20,7 +21,6 @@ import keras_softmax
 from keras_softmax import StableSoftmax
 from keras_softmax import stable_log_softmax
 from keras_softmax import stable_softmax
-from keras_softmax.demo.fresh_process import check_python
 
 
 def _run_fresh(code):

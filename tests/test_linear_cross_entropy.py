@@ -15,10 +15,10 @@ from support.backends import BACKEND
 from support.backends import compiled
 from support.backends import gradient
 from support.backends import traced
+from support.fresh_process import check_python
 from support.references import to_numpy
 
 from keras_softmax import linear_cross_entropy
-from keras_softmax.demo.fresh_process import check_python
 
 
 def reference_losses(

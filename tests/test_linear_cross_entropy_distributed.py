@@ -10,8 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 from support.backends import BACKEND
-
-from keras_softmax.demo.fresh_process import check_python
+from support.fresh_process import check_python
 
 _PROBLEM = """
     import numpy as np

@@ -12,9 +12,9 @@ import pathlib
 import pkgutil
 
 from support.backends import once
+from support.fresh_process import check_python
 
 import keras_softmax
-from keras_softmax.demo.fresh_process import check_python
 
 LIBRARY = pathlib.Path(keras_softmax.__file__).parent
 

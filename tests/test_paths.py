@@ -17,6 +17,7 @@ from support.backends import BACKEND
 from support.backends import compiled
 from support.backends import gradient
 from support.backends import traced
+from support.fresh_process import check_python
 from support.references import numerical_jacobian
 from support.references import to_numpy
 
@@ -24,7 +25,6 @@ from keras_softmax import _backend
 from keras_softmax import softmax as core
 from keras_softmax import stable_log_softmax
 from keras_softmax import stable_softmax
-from keras_softmax.demo.fresh_process import check_python
 
 
 def eager(fn):

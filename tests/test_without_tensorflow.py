@@ -17,13 +17,13 @@ import pytest
 from support.backends import BACKEND
 from support.backends import exports
 from support.backends import once
+from support.fresh_process import check_python
+from support.fresh_process import run_python
 
 from keras_softmax import _extras
 from keras_softmax.demo import digits
 from keras_softmax.demo import distributed
 from keras_softmax.demo import serving
-from keras_softmax.demo.fresh_process import check_python
-from keras_softmax.demo.fresh_process import run_python
 
 # The first line of every script: with None in `sys.modules`, `import
 # tensorflow` raises ModuleNotFoundError, as where it is not installed.

@@ -1,4 +1,4 @@
-"""Runs Python in a fresh interpreter: the one way the package and its tests do.
+"""Runs Python in a fresh interpreter: how the demo serves a saved model.
 
 A fresh process is how a saved model is checked the way its users load it
 (nothing registered or imported beforehand), and how an entry point is
@@ -38,18 +38,3 @@ def run_python(*args: str, env=None, timeout: float = 600):
         env=environment,
         timeout=timeout,
     )
-
-
-def check_python(*args: str, env=None, timeout: float = 600) -> str:
-    """Like `run_python`, but returns stdout, and raises if the process failed.
-
-    Raises:
-        RuntimeError: if the exit code is not 0, with the end of stderr.
-    """
-    result = run_python(*args, env=env, timeout=timeout)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"python {' '.join(args)[:200]} exited with {result.returncode}:\n"
-            f"{result.stderr[-3000:]}"
-        )
-    return result.stdout
