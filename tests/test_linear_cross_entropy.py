@@ -540,3 +540,76 @@ def _tf_ops(graph):
     yield from graph.get_operations()
     for function in graph._functions.values():  # noqa: SLF001
         yield from _tf_ops(function.graph)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_inputs_keep_float32_losses_and_half_gradients(dtype):
+    # Where the backend multiplies half operands into float32 (JAX), they
+    # are never copied to float32; elsewhere they are cast. Either way the
+    # losses are those of float32 logits of the half values, and the
+    # gradients, in the inputs' dtype, within half rounding of float64's.
+    labels, h, w, b = _problem(n=40, depth=16, vocabulary=90)
+    half_h, half_w = (keras.ops.cast(a, dtype) for a in (h, w))
+    exact = [to_numpy(keras.ops.cast(a, "float64")) for a in (half_h, half_w)]
+    losses = linear_cross_entropy(labels, half_h, half_w, reduction=None)
+    assert keras.backend.standardize_dtype(losses.dtype) == "float32"
+    np.testing.assert_allclose(
+        to_numpy(losses), reference_losses(labels, *exact), rtol=2e-6, atol=1e-6
+    )
+
+    actual = _gradient_as_given(
+        lambda v: linear_cross_entropy(labels, half_h, v), half_w
+    )
+    assert keras.backend.standardize_dtype(actual.dtype) == dtype
+    exact_h = keras.ops.convert_to_tensor(exact[0])
+    expected = _gradient_as_given(
+        lambda v: keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(
+                labels, keras.ops.matmul(exact_h, v), from_logits=True
+            )
+        ),
+        keras.ops.convert_to_tensor(exact[1]),
+    )
+    actual, expected = (
+        to_numpy(keras.ops.cast(g, "float64")) for g in (actual, expected)
+    )
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(actual, expected, atol=scale * 2.0**-7, rtol=0)
+
+
+def _gradient_as_given(fn, x):
+    """d fn(x) / dx of a scalar `fn`, in `x`'s dtype, by the backend's autodiff."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.grad(fn)(x)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = fn(x)
+        return tape.gradient(value, x)
+    x = x.detach().requires_grad_(True)
+    fn(x).backward()
+    return x.grad
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX multiplies bf16 into float32")
+def test_bfloat16_training_holds_no_float32_copy_of_the_kernel():
+    import jax
+
+    labels, h, w, _ = _problem(n=64, depth=16, vocabulary=4096)
+    h, w = (jax.numpy.asarray(a, "bfloat16") for a in (h, w))
+    program = jax.make_jaxpr(
+        jax.grad(lambda h, w: linear_cross_entropy(labels, h, w), argnums=(0, 1))
+    )(h, w)
+    copies = [
+        str(e)
+        for e in _equations(program.jaxpr)
+        if e.primitive.name == "convert_element_type"
+        and e.invars[0].aval.dtype == jax.numpy.bfloat16
+        and e.invars[0].aval.size >= w.size
+        and e.outvars[0].aval.dtype == jax.numpy.float32
+    ]
+    assert not copies, copies

@@ -17,6 +17,7 @@ SURFACE = (
     "custom_vjp",
     "fori_loop",
     "half_kernels_accumulate_in_float32",
+    "half_matmul_in_float32_serves",
     "has_reverse_rules",
     "is_concrete",
     "keras_attention_is_exact",
@@ -104,16 +105,27 @@ class Edge:
         """`keras.ops.amax`."""
         return keras.ops.amax(x, axis=axis, keepdims=keepdims)
 
-    def matmul(self, a, b, *, transpose_a=False, transpose_b=False):
+    def matmul(self, a, b, *, transpose_a=False, transpose_b=False, float32=False):
         """`a @ b` of matrices, either read transposed, in float64 where the
         inputs are.
 
         The flags let a backend read a transposed operand in place (BLAS'
         `trans` arguments) where a transpose would copy a large kernel.
+        With `float32`, half-precision operands give a float32 product,
+        accumulated in float32 (here by casting them: where
+        `half_matmul_in_float32_serves`, without).
         """
         a = keras.ops.transpose(a) if transpose_a else a
         b = keras.ops.transpose(b) if transpose_b else b
+        if float32:
+            a, b = keras.ops.cast(a, "float32"), keras.ops.cast(b, "float32")
         return keras.ops.matmul(a, b)
+
+    def half_matmul_in_float32_serves(self, tensor) -> bool:
+        """Whether `matmul(..., float32=True)` multiplies half-precision
+        operands like `tensor` as they are, accumulating in float32, with
+        no float32 copy of them."""
+        return False
 
     def maximum(self, a, b):
         """`keras.ops.maximum`, in float64 where the inputs are."""
@@ -126,8 +138,9 @@ class Edge:
 
     def add_matmul(self, total, a, b, *, transpose_a=False):
         """`total + a @ b`, `a` read transposed with `transpose_a` (in place
-        where the backend can)."""
-        return total + self.matmul(a, b, transpose_a=transpose_a)
+        where the backend can), in `total`'s dtype."""
+        float32 = keras.backend.standardize_dtype(total.dtype) == "float32"
+        return total + self.matmul(a, b, transpose_a=transpose_a, float32=float32)
 
     def slice_add(self, x, starts, update):
         """`x` with `update` added to its block that starts at `starts`."""

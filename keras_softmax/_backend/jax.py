@@ -20,11 +20,20 @@ class JaxEdge(Edge):
     def is_concrete(self, tensor) -> bool:
         return not isinstance(tensor, jax.core.Tracer)
 
-    def matmul(self, a, b, *, transpose_a=False, transpose_b=False):
+    def matmul(self, a, b, *, transpose_a=False, transpose_b=False, float32=False):
         # `dot_general` contracts the named axes: eager JAX would copy a
-        # transposed kernel first.
+        # transposed kernel first. Its `preferred_element_type` multiplies
+        # half-precision operands into a float32 product.
         contract = ((0 if transpose_a else 1,), (1 if transpose_b else 0,))
-        return jax.lax.dot_general(a, b, (contract, ((), ())))
+        return jax.lax.dot_general(
+            a,
+            b,
+            (contract, ((), ())),
+            preferred_element_type="float32" if float32 else None,
+        )
+
+    def half_matmul_in_float32_serves(self, tensor) -> bool:
+        return True
 
     def power_of_two(self, exponent, dtype: str):
         # Keras' `ldexp` (3.15) returns float32 for float64 and int32.

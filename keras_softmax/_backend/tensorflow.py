@@ -30,9 +30,12 @@ class TensorFlowEdge(Edge):
         # `tf.custom_gradient` may not read a variable it was not handed.
         return tf.convert_to_tensor(value)
 
-    def matmul(self, a, b, *, transpose_a=False, transpose_b=False):
+    def matmul(self, a, b, *, transpose_a=False, transpose_b=False, float32=False):
         # The kernel's flags read a transposed operand in place, where
-        # `tf.transpose` would copy a large kernel.
+        # `tf.transpose` would copy a large kernel. (`output_type` takes
+        # integers only: half operands are cast.)
+        if float32:
+            a, b = tf.cast(a, tf.float32), tf.cast(b, tf.float32)
         return tf.linalg.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
     def reduce_max(self, x, axis=None, keepdims=False):

@@ -70,10 +70,14 @@ class TorchEdge(Edge):
             return torch.amax(x)
         return torch.amax(x, dim=axis, keepdim=keepdims)
 
-    def matmul(self, a, b, *, transpose_a=False, transpose_b=False):
+    def matmul(self, a, b, *, transpose_a=False, transpose_b=False, float32=False):
         # Keras' `result_type` of two torch float64 dtypes is float32. A
         # transposed matrix is a view, which BLAS reads in place.
-        return torch.matmul(a.T if transpose_a else a, b.T if transpose_b else b)
+        a, b = a.T if transpose_a else a, b.T if transpose_b else b
+        if float32:
+            # (`torch.mm(out_dtype=)` has no CPU kernel in PyTorch 2.13.)
+            a, b = a.float(), b.float()
+        return torch.matmul(a, b)
 
     def maximum(self, a, b):
         return torch.maximum(a, b)  # as `matmul`
@@ -91,7 +95,10 @@ class TorchEdge(Edge):
         # vmapped operand cannot be added into `total`.
         concrete = all(map(self.is_concrete, (total, a, b)))
         if concrete and not total.requires_grad:
-            return total.addmm_(a.T if transpose_a else a, b)
+            a = a.T if transpose_a else a
+            if total.dtype != a.dtype:
+                a, b = a.to(total.dtype), b.to(total.dtype)
+            return total.addmm_(a, b)
         return total + self.matmul(a, b, transpose_a=transpose_a)
 
     def slice_add(self, x, starts, update):
