@@ -386,11 +386,31 @@ def _path(query, key, value, bias, keep, choice: _Choice, keras_flash=True) -> s
       dead queries zeroed, where it gives our result.
     - `"explicit"`: the scores, `stable_softmax`, the weighted sum: for
       returned weights, dropout, a soft cap or a temperature below 1.
+
+    Half-precision inputs are computed in float32 (the scores, the softmax,
+    the weighted sum) and a bias in its own precision: the blocks, the
+    explicit path and SDPA compute on float32 copies. Keras' kernels take
+    the inputs as they are, so they are chosen for half precision only
+    where they may be a GPU's (which accumulate in float32), with a bias in
+    the inputs' dtype.
     """
     dtype = _dtypes.compute_dtype(query.dtype)
+    # Keras' attention casts the bias to the inputs' dtype on every backend,
+    # and on a CPU none of its kernels keeps half precision in float32
+    # (Keras 3.15): TensorFlow's computes the scores and the weighted sum in
+    # half precision, JAX's (XLA) and PyTorch's (SDPA's flash kernel) round
+    # the weights to half before the weighted sum. (`may_have_flash_kernel`
+    # stands for "a GPU's kernels", which the edge does not name; it is
+    # False on TensorFlow, whose Keras attention is half precision anywhere.)
+    half = dtype != keras.backend.standardize_dtype(query.dtype)
+    keras_keeps_precision = not half or (
+        _backend.may_have_flash_kernel(query)
+        and (bias is None or _same_dtype(bias, query))
+    )
     exact = (
         choice.foldable
         and choice.weightless
+        and keras_keeps_precision
         and _backend.keras_attention_is_exact(dtype, key.shape[-1], value.shape[-1])
     )
     flash = choice.flash_attention
@@ -443,21 +463,24 @@ def _keras_flash_attention(query, key, value, bias, keep, scale, is_causal):
 
 
 def _sdpa_attention(query, key, value, keep, scale, is_causal):
-    """PyTorch's `scaled_dot_product_attention` with a bool mask.
+    """PyTorch's `scaled_dot_product_attention` with a bool mask, in the
+    compute dtype, returned in the values' dtype.
 
     On a CPU (PyTorch 2.13) it gives a query with no key kept 0, and its
     flash kernel's memory grows linearly in the sequence. The edge says
-    where it may run (`sdpa_serves`).
+    where it may run (`sdpa_serves`). That kernel rounds half-precision
+    weights to half before the weighted sum: it runs on float32 copies.
     """
     import torch
 
+    dtype = _dtypes.compute_dtype(query.dtype)
     outputs = torch.nn.functional.scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in (query, key, value)),
+        *(_cast(t, dtype).transpose(1, 2) for t in (query, key, value)),
         attn_mask=keep,
         is_causal=is_causal,
         scale=scale,
     )
-    return outputs.transpose(1, 2)
+    return _cast(outputs.transpose(1, 2), value.dtype)
 
 
 def _blocks(
@@ -466,7 +489,7 @@ def _blocks(
     """The blocks, in the compute dtype, returned in the values' dtype."""
     dtype = _dtypes.compute_dtype(query.dtype)
     outputs = _blockwise_attention.blockwise_attention(
-        *(ops.cast(t, dtype) for t in (query, key, value)),
+        *(_cast(t, dtype) for t in (query, key, value)),
         bias,
         keep,
         scale,
@@ -475,7 +498,7 @@ def _blocks(
         soft_cap,
         block_sizes,
     )
-    return ops.cast(outputs, value.dtype)
+    return _cast(outputs, value.dtype)
 
 
 def _keras_fused_attention(query, key, value, bias, keep, scale):
@@ -499,9 +522,12 @@ def _explicit_attention(
     With the temperature folded, Keras' own formula (its additive mask and
     softmax, our fill and dead queries zeroed), so that returning the
     weights never changes the outputs; else `stable_softmax`, which shifts
-    before it divides.
+    before it divides. All in the compute dtype (float32 for half-precision
+    inputs), the outputs and weights returned in the values' dtype.
     """
     dtype = _dtypes.compute_dtype(query.dtype)
+    returned = value.dtype
+    query, key, value = (_cast(t, dtype) for t in (query, key, value))
     if foldable:
         additive, live = bias, None
         if keep is not None:
@@ -515,10 +541,10 @@ def _explicit_attention(
         weights = stable_softmax(
             logits, axis=-1, mask=keep, temperature=temperature.value
         )
-    weights = ops.cast(weights, value.dtype)
-    combined = weights if dropout is None else dropout(weights)
+    # A dropout layer may return its own dtype (a mixed precision policy's).
+    combined = weights if dropout is None else _cast(dropout(weights), dtype)
     outputs = ops.einsum("BNTS,BSNH->BTNH", combined, value)
-    return outputs, weights
+    return _cast(outputs, returned), _cast(weights, returned)
 
 
 def _additive_mask(keep, live, bias, dtype):
@@ -546,6 +572,17 @@ def _promoted(tensors):
         t if keras.backend.standardize_dtype(t.dtype) == dtype else ops.cast(t, dtype)
         for t in tensors
     )
+
+
+def _cast(x, dtype):
+    """`x` in `dtype`: as it is where it has it already (no op added)."""
+    standard = keras.backend.standardize_dtype
+    return x if standard(x.dtype) == standard(dtype) else ops.cast(x, dtype)
+
+
+def _same_dtype(a, b) -> bool:
+    standard = keras.backend.standardize_dtype
+    return standard(a.dtype) == standard(b.dtype)
 
 
 def _tensor(x):
