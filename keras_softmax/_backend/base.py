@@ -13,6 +13,7 @@ import numpy as np
 # What `_backend.<name>` resolves on the running backend.
 SURFACE = (
     "add_matmul",
+    "chunk_elements",
     "cond_no_nan",
     "custom_vjp",
     "fori_loop",
@@ -120,6 +121,11 @@ class Edge:
         if float32:
             a, b = keras.ops.cast(a, "float32"), keras.ops.cast(b, "float32")
         return keras.ops.matmul(a, b)
+
+    def chunk_elements(self, tensor) -> int:
+        """How many logits a chunk of the large-vocabulary loss holds at
+        once (64 MiB in float32), for inputs like `tensor`."""
+        return 1 << 24
 
     def half_matmul_in_float32_serves(self, tensor) -> bool:
         """Whether `matmul(..., float32=True)` multiplies half-precision
