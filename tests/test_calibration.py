@@ -746,6 +746,19 @@ def test_a_stable_softmax_head_gives_its_logits_and_calibrates(trained, temperat
     assert_calibrates_to_fitted_temperature(copy, x_val, y_val, logits, rel=1e-5)
 
 
+def test_a_tied_or_soft_capped_head_is_refused_by_name():
+    # A `Dense` copy would drop the tie or the cap: no silent wrong logits.
+    tokens = keras.Input((None,), dtype="int32")
+    embedding = keras.layers.Embedding(5, 4)
+    for head, message in (
+        (StableSoftmaxHead(5, tied_to=embedding), "tied_to='embedding"),
+        (StableSoftmaxHead(5, logit_soft_cap=3.0), "logit_soft_cap=3.0"),
+    ):
+        model = keras.Model(tokens, head(embedding(tokens)))
+        with pytest.raises(ValueError, match=message):
+            logits_model(model)
+
+
 def two_output_model():
     inputs = keras.Input((2,))
     return keras.Model(

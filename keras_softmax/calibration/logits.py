@@ -105,6 +105,14 @@ def _head_logits(model, output, caller):
         # Its activation is linear, yet it applies the softmax itself: its
         # logits are those of a `Dense` with its weights.
         config = head.get_config()
+        for argument in ("tied_to", "logit_soft_cap"):
+            value = config.pop(argument)
+            if value is not None:
+                raise ValueError(
+                    f"`{caller}` copies a StableSoftmaxHead into a `Dense`, "
+                    f"which has no `{argument}`: pass a model whose output is "
+                    f"the head's logits. Received: {argument}={value!r}"
+                )
         del config["temperature"]
         return _linear_copy(model, head, keras.layers.Dense, config, caller)
     if _is_softmax(activation):
