@@ -8,10 +8,12 @@ import numpy as np
 
 from keras_softmax import _arguments
 from keras_softmax import _backend
+from keras_softmax import _blockwise_attention
 from keras_softmax import _dtypes
 from keras_softmax import _masks
 from keras_softmax import _temperature
 from keras_softmax import attention
+from keras_softmax._blockwise_attention import BlockSizes
 from keras_softmax.layer import StableSoftmax
 from keras_softmax.softmax import stable_softmax
 
@@ -45,6 +47,9 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             With `trainable_temperature=True` it is the initial value.
         trainable_temperature: If `True`, the temperature is a weight that
             `fit` learns, stored as its logarithm after Keras' weights.
+        block_sizes: Optional `keras_softmax.BlockSizes(query, key)` for
+            the blocks, where they compute the call (as
+            `dot_product_attention`'s).
         **kwargs: The other arguments of `keras.layers.MultiHeadAttention`
             (`use_bias`, `output_shape`, `attention_axes`, initializers,
             ...) and base layer arguments.
@@ -91,12 +96,15 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
         dropout: float = 0.0,
         temperature: float = 1.0,
         trainable_temperature: bool = False,
+        block_sizes: BlockSizes | None = None,
         **kwargs,
     ):
         temperature, trainable_temperature = _checked_temperature(
             temperature, trainable_temperature
         )
+        block_sizes = _blockwise_attention.check_block_sizes(block_sizes)
         super().__init__(num_heads, key_dim, value_dim, dropout, **kwargs)
+        self.block_sizes = block_sizes
         # A fixed temperature is a Python number, not a variable: the layer
         # then has exactly Keras' weights.
         self._fixed_temperature = temperature
@@ -214,6 +222,7 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             dropout=dropout,
             flash_attention=self._flash_attention,
             is_causal=use_causal_mask,
+            block_sizes=self.block_sizes,
         )
 
     @classmethod
@@ -231,6 +240,10 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             {
                 "temperature": self.temperature,
                 "trainable_temperature": self.trainable_temperature,
+                # A list in the saved JSON; `__init__` makes it `BlockSizes`.
+                "block_sizes": None
+                if self.block_sizes is None
+                else list(self.block_sizes),
             }
         )
         return config

@@ -1,6 +1,5 @@
 """`StableMultiHeadAttention`: Keras' layer, without attention to padding."""
 
-import functools
 from unittest import mock
 
 import keras
@@ -16,7 +15,6 @@ from support.references import to_numpy
 import keras_softmax
 from keras_softmax import StableMultiHeadAttention
 from keras_softmax import _blockwise_attention
-from keras_softmax import attention
 from keras_softmax.demo import serving
 
 
@@ -126,20 +124,14 @@ def _scores():
 def test_flash_attention_takes_blocks_with_the_reference_result(temperature):
     # (Keras' own layer refuses flash attention on a CPU.)
     ours = StableMultiHeadAttention(
-        2, 4, temperature=temperature, flash_attention=True, seed=0
+        2, 4, temperature=temperature, flash_attention=True, seed=0, block_sizes=SMALL
     )
     x = _inputs(length=9)
     mask = np.random.default_rng(5).random((3, 9, 9)) < 0.7
     mask[1, 4] = False
     causal = np.tril(np.ones((9, 9), bool))
-    # The layer has no block sizes of its own: small ones reach the blocks
-    # through `attend`, the body it shares with `dot_product_attention`.
-    small = functools.partial(attention.attend, block_sizes=SMALL)
     rule = _blockwise_attention._rule
-    with (
-        mock.patch.object(attention, "attend", small),
-        mock.patch.object(_blockwise_attention, "_rule", wraps=rule) as blocks,
-    ):
+    with mock.patch.object(_blockwise_attention, "_rule", wraps=rule) as blocks:
         out = to_numpy(ours(x, x, attention_mask=mask, use_causal_mask=True))
     if BACKEND != "torch" or temperature < 1.0:  # else PyTorch's own SDPA
         assert blocks.call_count == 1
@@ -426,3 +418,12 @@ def test_package_exports_the_layer_and_function():
     assert keras_softmax.StableMultiHeadAttention is StableMultiHeadAttention
     assert "dot_product_attention" in keras_softmax.__all__
     assert "StableMultiHeadAttention" in keras_softmax.__all__
+
+
+def test_block_sizes_are_checked_and_saved_with_the_layer():
+    layer = StableMultiHeadAttention(2, 4, block_sizes=(2, 3))
+    assert layer.block_sizes == (2, 3)
+    rebuilt = StableMultiHeadAttention.from_config(layer.get_config())
+    assert rebuilt.block_sizes == keras_softmax.BlockSizes(2, 3)
+    with pytest.raises(ValueError, match="block_sizes"):
+        StableMultiHeadAttention(2, 4, block_sizes=(0, 2))
