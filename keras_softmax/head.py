@@ -22,7 +22,8 @@ from keras_softmax import _keras_internals
 from keras_softmax import _numerics
 from keras_softmax import _temperature
 from keras_softmax.linear_cross_entropy import linear_cross_entropy
-from keras_softmax.linear_cross_entropy import linear_top_k_hits
+from keras_softmax.linear_cross_entropy import linear_label_ranks
+from keras_softmax.linear_cross_entropy import top_k_hits
 from keras_softmax.softmax import stable_softmax
 
 # Set while `FusedHeadModel` evaluates: heads then return hidden states.
@@ -173,10 +174,10 @@ class StableSoftmaxHead(keras.layers.Dense):
             open_minimum=True,
             allow_none=True,
         )
-        self._tie = _tie(tied_to)
-        # The `k`s of this head's metrics, and the hits its loss last
-        # ranked for them (see `_HeadCrossEntropy._rank_for_metrics`).
-        self._metric_ks = set()
+        self._tie = _checked_tie(tied_to)
+        # Whether this head has metrics, and the label ranks its loss last
+        # computed for them (see `_HeadCrossEntropy._rank_for_metrics`).
+        self._has_metrics = False
         self._ranked = None
 
     def build(self, input_shape):
@@ -232,7 +233,7 @@ class StableSoftmaxHead(keras.layers.Dense):
 
     def tie(self, layer) -> None:
         """Ties the head to `layer`'s table (`FusedHeadModel` does on load)."""
-        self._tie = _tie(layer)
+        self._tie = _checked_tie(layer)
 
     def save_own_variables(self, store):
         if self._tie is None:
@@ -306,7 +307,7 @@ class StableSoftmaxHead(keras.layers.Dense):
         Returns:
             A `keras.metrics.Metric`.
         """
-        self._metric_ks.add(1)
+        self._has_metrics = True
         return _HeadAccuracy(self, k=1, name=name)
 
     def top_k_accuracy(
@@ -326,7 +327,7 @@ class StableSoftmaxHead(keras.layers.Dense):
             A `keras.metrics.Metric`.
         """
         k = _arguments.check_positive_integer("k", k)
-        self._metric_ks.add(k)
+        self._has_metrics = True
         return _HeadAccuracy(self, k=k, name=name)
 
     def get_config(self):
@@ -338,7 +339,7 @@ class StableSoftmaxHead(keras.layers.Dense):
         return config
 
 
-def _tie(tied_to) -> _Tie | None:
+def _checked_tie(tied_to) -> _Tie | None:
     """`tied_to` checked: None, a layer with an `embeddings` table, or the
     name of one (from a saved configuration)."""
     if tied_to is None:
@@ -464,14 +465,10 @@ class _HeadCrossEntropy(keras.losses.Loss):
         metrics after the optimizer has updated the weights. (JAX's reads
         them from its state: `_value_in_step`.)"""
         head = self.head
-        if not head._metric_ks or keras.backend.backend() == "jax":
+        if not head._has_metrics or keras.backend.backend() == "jax":
             return
-        weights = head.output_weights()
-        hits = {
-            k: _top_k_hits(head, y_true, y_pred, weights, k)
-            for k in sorted(head._metric_ks)
-        }
-        head._ranked = _Ranked(y_pred, hits)
+        ranks = _label_ranks(head, y_true, y_pred, head.output_weights())
+        head._ranked = _Ranked(y_pred, ranks)
 
     def _cross_entropy(self, y_true, y_pred, reduction, sample_weight=None):
         weights = self.head.output_weights()
@@ -514,14 +511,14 @@ class _HeadAccuracy(keras.metrics.MeanMetricWrapper):
                 y_true, y_pred, k=self.k
             )
         ranked = self.head._ranked
-        if ranked is not None and ranked.inputs is y_pred and self.k in ranked.hits:
-            return ranked.hits[self.k]
+        if ranked is not None and ranked.inputs is y_pred:
+            return top_k_hits(ranked.ranks, self.k)
         weights = self.head.output_weights()
         bias = None if weights.bias is None else _value_in_step(weights.bias)
         weights = OutputWeights(
             _value_in_step(weights.kernel), bias, weights.transposed
         )
-        return _top_k_hits(self.head, y_true, y_pred, weights, self.k)
+        return top_k_hits(_label_ranks(self.head, y_true, y_pred, weights), self.k)
 
     def get_config(self):
         return {"name": self.name, "dtype": self.dtype, "k": self.k}
@@ -535,19 +532,19 @@ class _HeadAccuracy(keras.metrics.MeanMetricWrapper):
 
 
 class _Ranked(NamedTuple):
-    """The hits a head's loss ranked for its metrics, and of which inputs."""
+    """The label ranks a head's loss computed for its metrics, and of which
+    inputs: one pass serves every `k`."""
 
     inputs: object
-    hits: dict  # k: [...] 1.0 where the label is in the top k
+    ranks: object
 
 
-def _top_k_hits(head, y_true, y_pred, weights: OutputWeights, k):
-    return linear_top_k_hits(
+def _label_ranks(head, y_true, y_pred, weights: OutputWeights):
+    return linear_label_ranks(
         _labels(y_true, y_pred),
         ops.stop_gradient(y_pred),
         ops.stop_gradient(weights.kernel),
         None if weights.bias is None else ops.stop_gradient(weights.bias),
-        k=k,
         transpose_kernel=weights.transposed,
         logit_soft_cap=head.logit_soft_cap,
     )

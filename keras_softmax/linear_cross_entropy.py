@@ -615,11 +615,67 @@ def linear_top_k_hits(
     >>> np.asarray(linear_top_k_hits([0, 0], inputs, kernel)).tolist()
     [1.0, 0.0]
     """
+    k = _arguments.check_positive_integer("k", k)
+    ranks = linear_label_ranks(
+        labels,
+        inputs,
+        kernel,
+        bias,
+        transpose_kernel=transpose_kernel,
+        logit_soft_cap=logit_soft_cap,
+        chunk_size=chunk_size,
+    )
+    return top_k_hits(ranks, k)
+
+
+def top_k_hits(ranks, k: int):
+    """1.0 where a label's rank (from `linear_label_ranks`) is below `k`,
+    else 0.0; NaN stays NaN."""
+    return ops.where(ops.isnan(ranks), ranks, ops.cast(ranks < k, ranks.dtype))
+
+
+def linear_label_ranks(
+    labels,
+    inputs,
+    kernel,
+    bias=None,
+    *,
+    transpose_kernel: bool = False,
+    logit_soft_cap: float | None = None,
+    chunk_size: int | None = None,
+):
+    """How many classes rank above each label, without the logits.
+
+    With `logits = inputs @ kernel + bias` (soft-capped if asked), a class
+    ranks above the label with a larger logit, or an equal one at a lower
+    class id. One pass gives every top-`k` accuracy (`top_k_hits`).
+
+    Args:
+        labels: Integer class ids, of the leading shape of `inputs`.
+        inputs: Hidden states `[..., D]`.
+        kernel: `[D, V]`; `[V, D]` with `transpose_kernel=True`.
+        bias: Optional `[V]`.
+        transpose_kernel: As in `linear_cross_entropy`.
+        logit_soft_cap: As in `linear_cross_entropy`.
+        chunk_size: As in `linear_cross_entropy`.
+
+    Returns:
+        The ranks (0 for the largest logit), in the compute dtype, of
+        `labels`' shape; NaN for a label known bad only at run time.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_softmax.linear_cross_entropy import linear_label_ranks
+    >>> inputs = np.array([[1.0, 0.0], [0.0, 1.0]], "float32")
+    >>> kernel = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]], "float32")
+    >>> np.asarray(linear_label_ranks([0, 0], inputs, kernel)).tolist()
+    [0.0, 1.0]
+    """
     args = _checked_arguments(
         labels, inputs, kernel, bias, None, transpose_kernel, 1.0,
         logit_soft_cap, 0.0, 0.0, None, None, chunk_size,
     )  # fmt: skip
-    k = _arguments.check_positive_integer("k", k)
     if args.hidden.shape[0] == 0:
         return ops.zeros(args.leading_shape, args.dtype)
     n, chunk, (hidden, labels) = _padded_to_chunks(args.chunk, args.hidden, args.labels)
@@ -638,9 +694,8 @@ def linear_top_k_hits(
         above = ops.logical_or(
             logits > picked, ops.logical_and(logits == picked, classes < y_c[:, None])
         )
-        ranks = ops.sum(ops.cast(above, "int32"), axis=-1)
-        return carry, (ops.cast(ranks < k, args.dtype),)
+        return carry, (ops.sum(ops.cast(above, args.dtype), axis=-1),)
 
-    _, (hits,) = _backend.scan(step, (), _split(spec, hidden, labels))
-    hits = ops.reshape(hits, (-1,))[:n] + args.poison
-    return ops.reshape(hits, args.leading_shape)
+    _, (ranks,) = _backend.scan(step, (), _split(spec, hidden, labels))
+    ranks = ops.reshape(ranks, (-1,))[:n] + args.poison
+    return ops.reshape(ranks, args.leading_shape)
