@@ -21,7 +21,9 @@ from keras_softmax import _arguments
 from keras_softmax import _keras_internals
 from keras_softmax import _numerics
 from keras_softmax import _temperature
+from keras_softmax.linear_cross_entropy import LossAndRanks
 from keras_softmax.linear_cross_entropy import linear_cross_entropy
+from keras_softmax.linear_cross_entropy import linear_cross_entropy_and_ranks
 from keras_softmax.linear_cross_entropy import linear_label_ranks
 from keras_softmax.linear_cross_entropy import top_k_hits
 from keras_softmax.softmax import stable_softmax
@@ -35,6 +37,12 @@ _RETURNING_HIDDEN_STATES = contextvars.ContextVar(
 # While `FusedHeadModel` steps on JAX: the values of the model's variables,
 # which JAX's trainer passes as the step's state (by variable id).
 _STEP_WEIGHTS = contextvars.ContextVar("step_weights", default=None)
+
+# While `FusedHeadModel` steps: the label ranks that each head's loss
+# counted for its metrics (by head id). Keras' trainers update metrics
+# after the optimizer (TensorFlow, PyTorch) or outside the gradient's
+# trace (JAX), where the loss's own inputs can no longer be matched.
+_STEP_RANKS = contextvars.ContextVar("step_ranks", default=None)
 
 
 @contextlib.contextmanager
@@ -394,12 +402,12 @@ class FusedHeadModel(keras.Model):
         _tie_heads(self)
 
     def train_step(self, *args, **kwargs):
-        with _set(_STEP_WEIGHTS, _step_weights(self, args)):
+        with _set(_STEP_WEIGHTS, _step_weights(self, args)), _set(_STEP_RANKS, {}):
             return super().train_step(*args, **kwargs)
 
     def test_step(self, *args, **kwargs):
         # Traced inside the contexts, so the compiled step keeps them.
-        with _set(_STEP_WEIGHTS, _step_weights(self, args)):
+        with _set(_STEP_WEIGHTS, _step_weights(self, args)), _set(_STEP_RANKS, {}):
             with _set(_RETURNING_HIDDEN_STATES, True):
                 return super().test_step(*args, **kwargs)
 
@@ -436,9 +444,14 @@ class _HeadCrossEntropy(keras.losses.Loss):
 
     def _fused(self, y_true, y_pred, sample_weight):
         """Keras' reduction of the weighted losses, in one pass whose
-        gradients are computed with the loss."""
-        loss = self._cross_entropy(y_true, y_pred, self.reduction, sample_weight)
-        self._rank_for_metrics(y_true, y_pred)
+        gradients are computed with the loss, and where the head has
+        metrics, the labels' ranks they need."""
+        ranked = self.head._has_metrics
+        loss, ranks = self._cross_entropy(
+            y_true, y_pred, self.reduction, sample_weight, ranked=ranked
+        )
+        if ranked:
+            _leave_for_metrics(self.head, y_pred, ranks)
         if self.reduction in (None, "none", "sum"):
             return loss
         # A mean over tf.distribute's replicas, whose gradients add up, as
@@ -451,7 +464,7 @@ class _HeadCrossEntropy(keras.losses.Loss):
             return keras.losses.sparse_categorical_crossentropy(
                 y_true, y_pred, ignore_class=ignore_class
             )
-        losses = self._cross_entropy(y_true, y_pred, None)
+        losses = self._cross_entropy(y_true, y_pred, None).loss
         if ignore_class is not None:
             # As Keras' sparse cross-entropy: ignored positions are masked
             # out of the reduction, not only zero.
@@ -459,24 +472,13 @@ class _HeadCrossEntropy(keras.losses.Loss):
             _keras_internals.set_keras_mask(losses, labels != ignore_class)
         return losses
 
-    def _rank_for_metrics(self, y_true, y_pred):
-        """Ranks the labels for the head's metrics, with the weights that
-        made the loss: Keras' TensorFlow and PyTorch trainers update
-        metrics after the optimizer has updated the weights. (JAX's reads
-        them from its state: `_value_in_step`.)"""
-        head = self.head
-        if not head._has_metrics or keras.backend.backend() == "jax":
-            return
-        ranks = _label_ranks(head, y_true, y_pred, head.output_weights())
-        head._ranked = _Ranked(y_pred, ranks)
-
-    def _cross_entropy(self, y_true, y_pred, reduction, sample_weight=None):
+    def _cross_entropy(
+        self, y_true, y_pred, reduction, sample_weight=None, ranked=False
+    ) -> LossAndRanks:
+        """The loss and, if `ranked`, the labels' ranks from the same pass."""
         weights = self.head.output_weights()
-        return linear_cross_entropy(
-            _labels(y_true, y_pred),
-            y_pred,
-            weights.kernel,
-            weights.bias,
+        arguments = (_labels(y_true, y_pred), y_pred, weights.kernel, weights.bias)
+        options = dict(
             sample_weight=sample_weight,
             transpose_kernel=weights.transposed,
             temperature=self.head.temperature,
@@ -484,6 +486,9 @@ class _HeadCrossEntropy(keras.losses.Loss):
             reduction=reduction,
             **self.options,
         )
+        if ranked:
+            return linear_cross_entropy_and_ranks(*arguments, **options)
+        return LossAndRanks(linear_cross_entropy(*arguments, **options), None)
 
     @classmethod
     def from_config(cls, config):
@@ -510,9 +515,9 @@ class _HeadAccuracy(keras.metrics.MeanMetricWrapper):
             return keras.metrics.sparse_top_k_categorical_accuracy(
                 y_true, y_pred, k=self.k
             )
-        ranked = self.head._ranked
-        if ranked is not None and ranked.inputs is y_pred:
-            return top_k_hits(ranked.ranks, self.k)
+        ranks = _ranks_left(self.head, y_pred)
+        if ranks is not None:
+            return top_k_hits(ranks, self.k)
         weights = self.head.output_weights()
         bias = None if weights.bias is None else _value_in_step(weights.bias)
         weights = OutputWeights(
@@ -537,6 +542,30 @@ class _Ranked(NamedTuple):
 
     inputs: object
     ranks: object
+
+
+def _leave_for_metrics(head, y_pred, ranks):
+    """Leaves the ranks that the loss counted, with the weights that made
+    it, for the head's metrics, which Keras' TensorFlow and PyTorch
+    trainers update after the optimizer has updated the weights."""
+    step_ranks = _STEP_RANKS.get()
+    if step_ranks is not None:
+        step_ranks[id(head)] = ranks
+    elif keras.backend.backend() != "jax":
+        # (On JAX, only a step's own record is valid: a tracer kept on the
+        # head would outlive the trace.)
+        head._ranked = _Ranked(y_pred, ranks)
+
+
+def _ranks_left(head, y_pred):
+    """The ranks the head's loss left for `y_pred` in this step, or None."""
+    step_ranks = _STEP_RANKS.get()
+    if step_ranks is not None:
+        return step_ranks.get(id(head))
+    ranked = head._ranked
+    if ranked is not None and ranked.inputs is y_pred:
+        return ranked.ranks
+    return None
 
 
 def _label_ranks(head, y_true, y_pred, weights: OutputWeights):

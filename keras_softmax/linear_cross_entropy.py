@@ -106,15 +106,78 @@ def linear_cross_entropy(
     0.16723
     """
     args = _checked_arguments(
-        labels, inputs, kernel, bias, sample_weight, transpose_kernel,
-        temperature, logit_soft_cap, label_smoothing, z_loss, ignore_class,
-        reduction, chunk_size,
-    )  # fmt: skip
+        labels,
+        inputs,
+        kernel,
+        bias,
+        sample_weight=sample_weight,
+        transpose_kernel=transpose_kernel,
+        temperature=temperature,
+        logit_soft_cap=logit_soft_cap,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        ignore_class=ignore_class,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+    return _loss_and_ranks(args, ranked=False).loss
+
+
+class LossAndRanks(NamedTuple):
+    """`linear_cross_entropy`'s loss, and `linear_label_ranks`' ranks."""
+
+    loss: object
+    ranks: object
+
+
+def linear_cross_entropy_and_ranks(
+    labels, inputs, kernel, bias=None, **options
+) -> LossAndRanks:
+    """`linear_cross_entropy` and the labels' ranks, from one pass.
+
+    The ranks (those of `linear_label_ranks`, without a derivative) are
+    counted on each chunk's logits while the loss is computed: a head's
+    accuracy then costs no matrix product of its own.
+
+    Args:
+        labels, inputs, kernel, bias: As in `linear_cross_entropy`.
+        **options: `linear_cross_entropy`'s keyword arguments.
+
+    Returns:
+        `LossAndRanks(loss, ranks)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_softmax.linear_cross_entropy import (
+    ...     linear_cross_entropy_and_ranks)
+    >>> inputs = np.array([[1.0, 0.0], [0.0, 1.0]], "float32")
+    >>> kernel = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]], "float32")
+    >>> scored = linear_cross_entropy_and_ranks([0, 0], inputs, kernel)
+    >>> np.asarray(scored.ranks).tolist()
+    [0.0, 1.0]
+    """
+    args = _checked_arguments(labels, inputs, kernel, bias, **options)
+    return _loss_and_ranks(args, ranked=True)
+
+
+def _loss_and_ranks(args, ranked: bool) -> LossAndRanks:
+    """The reduced (or per-position) loss, and the ranks if `ranked`."""
     weights = _reduction_weights(args.valid, args.sample_weight, args.reduction)
     if args.reduction in (None, "none"):
-        losses = _through_rule(args, _per_position_rule, weights)
-        return ops.reshape(losses + args.poison, args.leading_shape)
-    return _through_rule(args, _weighted_sum_rule, weights) + ops.sum(args.poison)
+        losses, ranks = _through_rule(args, _per_position_rule, weights, ranked)
+        loss = ops.reshape(losses + args.poison, args.leading_shape)
+    else:
+        loss, ranks = _through_rule(args, _weighted_sum_rule, weights, ranked)
+        loss = loss + ops.sum(args.poison)
+    if ranks is not None:
+        ranks = ops.reshape(ranks + _rank_poison(args), args.leading_shape)
+    return LossAndRanks(loss, ranks)
+
+
+def _rank_poison(args):
+    """NaN where a label is out of range (ignored or not), else 0."""
+    return ops.where(args.in_range, 0.0, ops.cast(math.nan, args.dtype))
 
 
 def _reduction_weights(valid, sample_weight, reduction):
@@ -136,8 +199,9 @@ def _reduction_weights(valid, sample_weight, reduction):
 
 class _Arguments(NamedTuple):
     dtype: str  # the compute dtype: float32 or float64
-    labels: object  # [N] int32, ignored positions set to 0
+    labels: object  # [N] int32, labels out of range set to 0
     valid: object  # [N] bool: not ignored
+    in_range: object  # [N] bool: the label is a class id
     sample_weight: object  # [N], in the compute dtype (ones if not given)
     poison: object  # [N]: NaN where a label is out of range, else 0
     hidden: object  # [N, D], in the compute dtype or half (as `kernel`)
@@ -157,18 +221,20 @@ def _checked_arguments(
     labels,
     inputs,
     kernel,
-    bias,
-    sample_weight,
-    transpose_kernel,
-    temperature,
-    soft_cap,
-    smoothing,
-    z_loss,
-    ignore_class,
-    reduction,
-    chunk_size,
+    bias=None,
+    *,
+    sample_weight=None,
+    transpose_kernel=False,
+    temperature=1.0,
+    logit_soft_cap=None,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    ignore_class=None,
+    reduction="sum_over_batch_size",
+    chunk_size=None,
 ) -> _Arguments:
-    """The arguments checked, flattened to `[N, D]` and in the compute dtype."""
+    """The arguments checked, flattened to `[N, D]` and in the compute dtype
+    (the keywords and defaults of `linear_cross_entropy`)."""
     _arguments.check_choice("reduction", reduction, REDUCTIONS)
     hidden, kernel, dtype = _operands(inputs, kernel)
     transposed = _arguments.check_flag("transpose_kernel", transpose_kernel)
@@ -224,8 +290,10 @@ def _checked_arguments(
     poison = ops.where(ops.logical_and(valid, ~in_range), dtype_nan, 0.0)
     return _Arguments(
         dtype=dtype,
-        labels=ops.where(ops.logical_and(valid, in_range), labels, 0),
+        # An ignored label keeps its id (for its rank): its weight is 0.
+        labels=ops.where(in_range, labels, 0),
         valid=valid,
+        in_range=in_range,
         sample_weight=_sample_weight(sample_weight, labels, hidden, dtype),
         poison=ops.cast(poison, dtype),
         hidden=ops.reshape(hidden, (-1, depth)),
@@ -236,10 +304,14 @@ def _checked_arguments(
             dtype
         ),
         soft_cap=_arguments.check_real(
-            "logit_soft_cap", soft_cap, minimum=0, open_minimum=True, allow_none=True
+            "logit_soft_cap",
+            logit_soft_cap,
+            minimum=0,
+            open_minimum=True,
+            allow_none=True,
         ),
         smoothing=_arguments.check_real(
-            "label_smoothing", smoothing, minimum=0, maximum=1
+            "label_smoothing", label_smoothing, minimum=0, maximum=1
         ),
         z_loss=_arguments.check_real("z_loss", z_loss, minimum=0),
         chunk=_chunk(chunk_size, vocabulary, hidden),
@@ -321,16 +393,19 @@ class _Spec(NamedTuple):
     transposed: bool  # whether the kernel is [V, D]
     half: bool  # whether kernel and inputs are half, multiplied into float32
     chunk: int
+    ranked: bool = False  # whether the labels' ranks are counted too
 
 
-def _through_rule(args: _Arguments, rule, weights):
-    """`rule`'s output on the chunked arguments, with its custom derivative."""
+def _through_rule(args: _Arguments, rule, weights, ranked=False):
+    """`rule`'s output on the chunked arguments, with its custom derivative,
+    and the `[N]` ranks of the labels if `ranked` (else None)."""
     per_position = rule is _per_position_rule
     if args.hidden.shape[0] == 0:
         # No position: a loss of 0 (`[]` per position), with zero gradients.
         zero = ops.cast(ops.sum(args.kernel), args.dtype) * 0.0
         zero = zero + ops.sum(weights) * 0.0
-        return ops.zeros((0,), zero.dtype) + zero if per_position else zero
+        empty = ops.zeros((0,), zero.dtype)
+        return (empty + zero if per_position else zero), (empty if ranked else None)
     n, chunk, (hidden, labels, weights) = _padded_to_chunks(
         args.chunk, args.hidden, args.labels, weights
     )
@@ -342,13 +417,16 @@ def _through_rule(args: _Arguments, rule, weights):
         args.transposed,
         _is_half(args),
         chunk,
+        ranked,
     )
     dtype = args.dtype
     vocabulary = args.kernel.shape[0 if args.transposed else 1]
     bias = ops.zeros((vocabulary,), dtype) if args.bias is None else args.bias
     t = ops.ones((), dtype) if args.temperature is None else args.temperature
     out = rule(spec)(hidden, args.kernel, bias, t, labels, weights)
-    return out if len(out.shape) == 0 else out[:n]
+    out, ranks = out if ranked else (out, None)
+    out = out if len(out.shape) == 0 else out[:n]
+    return out, (None if ranks is None else ranks[:n])
 
 
 def _is_half(args: _Arguments) -> bool:
@@ -385,18 +463,28 @@ def _per_position_rule(spec):
     """
 
     def forward(h, w, b, t, y, weights):
-        losses = _scan_losses(spec, h, w, b, t, y)
-        return _weighted(losses, weights), (losses,)
+        losses, ranks = _scan_losses(spec, h, w, b, t, y)
+        return _with_ranks(_weighted(losses, weights), ranks), (losses,)
 
     def backward(inputs, saved, upstream):
         h, w, b, t, y, weights = inputs
         (losses,) = saved
-        _, gradients = _scan_losses_and_gradients(
-            spec, h, w, b, t, y, weights * upstream
+        _, _, gradients = _scan_losses_and_gradients(
+            _unranked(spec), h, w, b, t, y, weights * upstream
         )
         return _in_dtypes_of(inputs, gradients) + (None, _weighted(losses, upstream))
 
-    return _backend.custom_vjp(forward, backward)
+    return _backend.custom_vjp(forward, backward, extra_outputs=int(spec.ranked))
+
+
+def _with_ranks(output, ranks):
+    """A rule's outputs: `output`, or `(output, ranks)` where ranked."""
+    return output if ranks is None else (output, ranks)
+
+
+def _unranked(spec):
+    """`spec` for a pass that only differentiates: no ranks to count."""
+    return spec._replace(ranked=False)
 
 
 def _in_dtypes_of(inputs, gradients):
@@ -416,12 +504,15 @@ def _weighted_sum_rule(spec):
     """
 
     def forward(h, w, b, t, y, weights):
-        losses = _scan_losses(spec, h, w, b, t, y)
-        return ops.sum(_weighted(losses, weights)), ()
+        losses, ranks = _scan_losses(spec, h, w, b, t, y)
+        return _with_ranks(ops.sum(_weighted(losses, weights)), ranks), ()
 
     def forward_for_derivative(h, w, b, t, y, weights):
-        losses, gradients = _scan_losses_and_gradients(spec, h, w, b, t, y, weights)
-        return ops.sum(_weighted(losses, weights)), gradients + (losses,)
+        losses, ranks, gradients = _scan_losses_and_gradients(
+            spec, h, w, b, t, y, weights
+        )
+        loss = ops.sum(_weighted(losses, weights))
+        return _with_ranks(loss, ranks), gradients + (losses,)
 
     def backward(inputs, saved, upstream):
         if saved:  # from forward_for_derivative
@@ -430,13 +521,16 @@ def _weighted_sum_rule(spec):
             gradients = [g * ops.cast(upstream, g.dtype) for g in gradients]
         else:
             h, w, b, t, y, weights = inputs
-            losses, gradients = _scan_losses_and_gradients(
-                spec, h, w, b, t, y, weights * upstream
+            losses, _, gradients = _scan_losses_and_gradients(
+                _unranked(spec), h, w, b, t, y, weights * upstream
             )
         return _in_dtypes_of(inputs, gradients) + (None, _weighted(losses, upstream))
 
     return _backend.custom_vjp(
-        forward, backward, forward_for_derivative=forward_for_derivative
+        forward,
+        backward,
+        forward_for_derivative=forward_for_derivative,
+        extra_outputs=int(spec.ranked),
     )
 
 
@@ -449,12 +543,15 @@ class _Chunk(NamedTuple):
     top: object  # [C, 1]
     total: object  # [C, 1]: sum of exp_shifted
     log_total: object  # [C, 1]
+    ranks: object  # [C]: the labels' ranks; None unless `spec.ranked`
 
 
-def _chunk_logits(spec, h, w, b, t):
+def _chunk_logits(spec, h, w, b, t, y):
     logits = _backend.matmul(h, w, transpose_b=spec.transposed, float32=spec.half)
     logits = logits + b
     logits = _numerics.soft_cap(logits, spec.soft_cap)
+    # Ranked on the logits themselves: the shift and the temperature round.
+    ranks = _ranks_in_chunk(logits, y) if spec.ranked else None
     top = ops.max(logits, axis=-1, keepdims=True)
     shifted = logits - top
     if spec.tempered:
@@ -463,7 +560,18 @@ def _chunk_logits(spec, h, w, b, t):
     total = ops.sum(exp_shifted, axis=-1, keepdims=True)
     # Only the cap's derivative needs them: eager backends free them now.
     logits = logits if spec.soft_cap is not None else None
-    return _Chunk(logits, shifted, exp_shifted, top, total, ops.log(total))
+    return _Chunk(logits, shifted, exp_shifted, top, total, ops.log(total), ranks)
+
+
+def _ranks_in_chunk(logits, y):
+    """`[C]` counts of the classes above each label `y`: a larger logit, or
+    an equal one at a lower class id (as `argmax` breaks ties)."""
+    picked = ops.take_along_axis(logits, y[:, None], axis=-1)
+    classes = ops.arange(logits.shape[-1], dtype="int32")[None, :]
+    above = ops.logical_or(
+        logits > picked, ops.logical_and(logits == picked, classes < y[:, None])
+    )
+    return ops.sum(ops.cast(above, logits.dtype), axis=-1)
 
 
 def _chunk_losses(spec, c: _Chunk, t, y):
@@ -530,30 +638,42 @@ def _chunk_gradients(spec, c: _Chunk, h, w, t, y, weights) -> _Gradients:
 
 
 def _scan_losses(spec, h, w, b, t, y):
-    """`[chunks * chunk]` unweighted losses."""
+    """`[chunks * chunk]` unweighted losses, and ranks (None unless
+    `spec.ranked`)."""
 
     def step(carry, xs):
         h_c, y_c = xs
-        c = _chunk_logits(spec, h_c, w, b, t)
-        return carry, (_chunk_losses(spec, c, t, y_c),)
+        c = _chunk_logits(spec, h_c, w, b, t, y_c)
+        return carry, (_chunk_losses(spec, c, t, y_c), *_ranks_of(c))
 
-    _, (losses,) = _backend.scan(step, (), _split(spec, h, y))
-    return ops.reshape(losses, (-1,))
+    _, (losses, *ranks) = _backend.scan(step, (), _split(spec, h, y))
+    return _flat(losses), _flat(*ranks)
+
+
+def _ranks_of(c: _Chunk) -> tuple:
+    """A scan step's ranks output: none where not ranked."""
+    return () if c.ranks is None else (c.ranks,)
+
+
+def _flat(*chunked):
+    """The one `[chunks, chunk]` tensor given, as `[chunks * chunk]`; or None."""
+    return ops.reshape(chunked[0], (-1,)) if chunked else None
 
 
 def _scan_losses_and_gradients(spec, h, w, b, t, y, weights):
-    """The unweighted `[N]` losses, and the gradients of
-    `sum(weights * losses)` for `h`, `w`, `b` and `t` (`w`'s in the compute
-    dtype)."""
+    """The unweighted `[N]` losses, the ranks (None unless `spec.ranked`),
+    and the gradients of `sum(weights * losses)` for `h`, `w`, `b` and `t`
+    (`w`'s in the compute dtype)."""
 
     def step(carry, xs):
         dw, db, dt = carry
         h_c, y_c, weights_c = xs
-        c = _chunk_logits(spec, h_c, w, b, t)
+        c = _chunk_logits(spec, h_c, w, b, t, y_c)
         losses = _chunk_losses(spec, c, t, y_c)
         g = _chunk_gradients(spec, c, h_c, w, t, y_c, weights_c)
         dw = _backend.add_matmul(dw, *g.kernel, transpose_a=True)
-        return (dw, db + g.bias, dt + g.temperature), (losses, g.inputs)
+        outputs = (losses, g.inputs, *_ranks_of(c))
+        return (dw, db + g.bias, dt + g.temperature), outputs
 
     # One float32 accumulator for a half kernel's gradient (`b` is in the
     # compute dtype).
@@ -562,9 +682,11 @@ def _scan_losses_and_gradients(spec, h, w, b, t, y, weights):
         ops.zeros_like(b),
         ops.zeros((), b.dtype),
     )
-    (dw, db, dt), (losses, dh) = _backend.scan(step, init, _split(spec, h, y, weights))
+    (dw, db, dt), (losses, dh, *ranks) = _backend.scan(
+        step, init, _split(spec, h, y, weights)
+    )
     gradients = (ops.reshape(dh, ops.shape(h)), dw, db, dt)
-    return ops.reshape(losses, (-1,)), gradients
+    return _flat(losses), _flat(*ranks), gradients
 
 
 def _split(spec, h, *per_position):
@@ -673,16 +795,19 @@ def linear_label_ranks(
     [0.0, 1.0]
     """
     args = _checked_arguments(
-        labels, inputs, kernel, bias, None, transpose_kernel, 1.0,
-        logit_soft_cap, 0.0, 0.0, None, None, chunk_size,
-    )  # fmt: skip
+        labels,
+        inputs,
+        kernel,
+        bias,
+        transpose_kernel=transpose_kernel,
+        logit_soft_cap=logit_soft_cap,
+        chunk_size=chunk_size,
+    )
     if args.hidden.shape[0] == 0:
         return ops.zeros(args.leading_shape, args.dtype)
     n, chunk, (hidden, labels) = _padded_to_chunks(args.chunk, args.hidden, args.labels)
     spec = _Spec(args.soft_cap, 0.0, 0.0, False, args.transposed, _is_half(args), chunk)
-    vocabulary = args.kernel.shape[0 if args.transposed else 1]
     bias = 0.0 if args.bias is None else args.bias
-    classes = ops.arange(vocabulary, dtype="int32")[None, :]
 
     def step(carry, xs):
         h_c, y_c = xs
@@ -690,12 +815,8 @@ def linear_label_ranks(
             h_c, args.kernel, transpose_b=spec.transposed, float32=spec.half
         )
         logits = _numerics.soft_cap(logits + bias, spec.soft_cap)
-        picked = ops.take_along_axis(logits, y_c[:, None], axis=-1)
-        above = ops.logical_or(
-            logits > picked, ops.logical_and(logits == picked, classes < y_c[:, None])
-        )
-        return carry, (ops.sum(ops.cast(above, args.dtype), axis=-1),)
+        return carry, (_ranks_in_chunk(logits, y_c),)
 
     _, (ranks,) = _backend.scan(step, (), _split(spec, hidden, labels))
-    ranks = ops.reshape(ranks, (-1,))[:n] + args.poison
+    ranks = _flat(ranks)[:n] + _rank_poison(args)
     return ops.reshape(ranks, args.leading_shape)

@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 from support.backends import BACKEND
+from support.backends import gradient
 from support.references import to_numpy
 
 from keras_softmax import FusedHeadModel
 from keras_softmax import StableSoftmaxHead
 from keras_softmax import head as head_module
 from keras_softmax import stable_softmax
+from keras_softmax.linear_cross_entropy import linear_cross_entropy
+from keras_softmax.linear_cross_entropy import linear_cross_entropy_and_ranks
 from keras_softmax.linear_cross_entropy import linear_top_k_hits
 
 VOCABULARY, DEPTH, BATCH, TIME = 37, 8, 6, 5
@@ -183,6 +186,91 @@ def test_the_fused_accuracy_breaks_ties_as_argmax_does():
         keras.metrics.sparse_categorical_accuracy(labels, hidden @ kernel)
     )
     np.testing.assert_array_equal(top_1, expected)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"ignore_class": 3, "reduction": None, "chunk_size": 4},
+        {"logit_soft_cap": 2.0, "transpose_kernel": True, "temperature": 0.7},
+    ],
+    ids=["default", "ignored, per position, chunks", "tied, capped, tempered"],
+)
+def test_the_loss_and_the_ranks_of_one_pass_are_the_loss_and_the_ranks(options):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, VOCABULARY, size=(3, 7))
+    labels[0, :3] = 3  # ignored, where `ignore_class` is 3: ranked all the same
+    hidden = rng.normal(size=(3, 7, DEPTH))
+    transposed = options.get("transpose_kernel", False)
+    table = rng.normal(size=(VOCABULARY, DEPTH))
+    kernel = table if transposed else table.T
+    bias = rng.normal(size=VOCABULARY)
+    scored = linear_cross_entropy_and_ranks(labels, hidden, kernel, bias, **options)
+    np.testing.assert_allclose(
+        to_numpy(scored.loss),
+        to_numpy(linear_cross_entropy(labels, hidden, kernel, bias, **options)),
+        rtol=1e-12,
+    )
+    # The ranks against float64 NumPy: classes above the label, ties to
+    # the lower id.
+    logits = hidden @ table.T + bias
+    cap = options.get("logit_soft_cap")
+    if cap is not None:
+        logits = cap * np.tanh(logits / cap)
+    picked = np.take_along_axis(logits, labels[..., None], axis=-1)
+    lower = np.arange(VOCABULARY) < labels[..., None]
+    expected = ((logits > picked) | ((logits == picked) & lower)).sum(-1)
+    np.testing.assert_array_equal(to_numpy(scored.ranks), expected)
+
+    # The ranks take no part in the derivative.
+    def loss_of(scored_fn):
+        def loss(h):
+            out = scored_fn(labels, h, kernel, bias, **options)
+            return keras.ops.reshape(getattr(out, "loss", out), (-1,))
+
+        return loss
+
+    np.testing.assert_allclose(
+        gradient(loss_of(linear_cross_entropy_and_ranks), hidden),
+        gradient(loss_of(linear_cross_entropy), hidden),
+        rtol=1e-12,
+        atol=1e-15,
+    )
+
+
+@pytest.mark.parametrize(
+    "model_class",
+    [
+        FusedHeadModel,
+        pytest.param(
+            keras.Model,
+            marks=pytest.mark.skipif(
+                BACKEND == "jax", reason="on JAX, a FusedHeadModel's metrics only"
+            ),
+        ),
+    ],
+    ids=["FusedHeadModel", "keras.Model"],
+)
+def test_the_metrics_count_no_ranks_of_their_own(model_class):
+    # The loss's pass over the logits counts the ranks that every metric
+    # of the head thresholds: no second matrix product for the metrics.
+    x, y, mask = _batch()
+    layers = _Layers()
+    model = _compiled(
+        _fused_model(layers, model_class),
+        layers.head.loss(),
+        [layers.head.accuracy(), layers.head.top_k_accuracy(3)],
+    )
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("a metric ranked the labels again")
+
+    with mock.patch.object(head_module, "linear_label_ranks", no_second_pass):
+        history = model.fit(x, y, sample_weight=mask, epochs=2, verbose=0).history
+        if model_class is FusedHeadModel:
+            model.evaluate(x, y, sample_weight=mask, verbose=0)
+    assert 0 < history["top_k_accuracy"][-1] <= 1
 
 
 def test_a_saved_tied_model_reloads_tied(tmp_path):

@@ -196,7 +196,13 @@ class Edge:
         return forward(*inputs)
 
     def custom_vjp(
-        self, forward, backward, *, forward_for_derivative=None, saves_outputs=False
+        self,
+        forward,
+        backward,
+        *,
+        forward_for_derivative=None,
+        saves_outputs=False,
+        extra_outputs=0,
     ):
         """A function whose reverse-mode derivative is `backward`.
 
@@ -206,8 +212,11 @@ class Edge:
         `saves_outputs`, `backward` receives `(outputs, *saved)` as
         `saved`. `forward_for_derivative`, of `forward`'s form, runs instead
         where a derivative may be taken, so that it can save what
-        `backward` would recompute. Here, with no autodiff to tell, the
-        forward pass alone.
+        `backward` would recompute. With `extra_outputs = k`, `outputs` is
+        `(output, *extras)`: `k` tensors computed in the same pass and
+        returned beside `output` without a derivative (`backward` gets
+        `output`'s upstream alone; `saves_outputs` saves `output`). Here,
+        with no autodiff to tell, the forward pass alone.
         """
         return lambda *inputs: forward(*inputs)[0]
 

@@ -54,7 +54,13 @@ class JaxEdge(Edge):
         return jax.lax.scan(step, carry, xs)
 
     def custom_vjp(
-        self, forward, backward, *, forward_for_derivative=None, saves_outputs=False
+        self,
+        forward,
+        backward,
+        *,
+        forward_for_derivative=None,
+        saves_outputs=False,
+        extra_outputs=0,
     ):
         """`jax.custom_vjp`: reverse mode and `vmap`."""
 
@@ -64,15 +70,26 @@ class JaxEdge(Edge):
 
         def rule_forward(*inputs):
             outputs, saved = (forward_for_derivative or forward)(*inputs)
-            kept = (outputs, *saved) if saves_outputs else saved
+            output = outputs[0] if extra_outputs else outputs
+            kept = (output, *saved) if saves_outputs else saved
             return outputs, (inputs, kept)
 
         def rule_backward(residuals, upstream):
             inputs, saved = residuals
+            upstream = upstream[0] if extra_outputs else upstream
             return tuple(backward(inputs, saved, upstream))
 
         rule.defvjp(rule_forward, rule_backward)
-        return rule
+        if not extra_outputs:
+            return rule
+
+        def run(*inputs):
+            # Without a derivative, the extras belong to the trace outside a
+            # transform (`grad`'s), where they may be read after it.
+            output, *extras = rule(*inputs)
+            return (output, *map(jax.lax.stop_gradient, extras))
+
+        return run
 
 
 EDGE = JaxEdge()

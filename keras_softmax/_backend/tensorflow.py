@@ -158,7 +158,13 @@ class TensorFlowEdge(Edge):
         return rule(*inputs)
 
     def custom_vjp(
-        self, forward, backward, *, forward_for_derivative=None, saves_outputs=False
+        self,
+        forward,
+        backward,
+        *,
+        forward_for_derivative=None,
+        saves_outputs=False,
+        extra_outputs=0,
     ):
         """`tf.custom_gradient`, its forward pass unrecorded."""
 
@@ -169,23 +175,30 @@ class TensorFlowEdge(Edge):
             recording = _keras_internals.tape_could_record()
             chosen = forward_for_derivative if recording else None
             return _with_gradient(
-                chosen or forward, backward, saves_outputs, inputs, self.to_tensor
+                chosen or forward,
+                backward,
+                saves_outputs,
+                extra_outputs,
+                inputs,
+                self.to_tensor,
             )
 
         return run
 
 
-def _with_gradient(forward, backward, saves_outputs, inputs, to_tensor):
+def _with_gradient(forward, backward, saves_outputs, extra_outputs, inputs, to_tensor):
     @tf.custom_gradient
     def rule(*inputs):
         # Unrecorded: a tape would make the loops inside keep every step's
         # intermediates for a derivative the rule replaces.
         with _keras_internals.tape_stop_recording():
             outputs, saved = forward(*inputs)
-        kept = (outputs, *saved) if saves_outputs else saved
+        output = outputs[0] if extra_outputs else outputs
+        kept = (output, *saved) if saves_outputs else saved
 
-        def grad(upstream):
-            return list(backward(inputs, kept, upstream))
+        def grad(*upstream):
+            # One upstream per output; the extras' are ignored.
+            return list(backward(inputs, kept, upstream[0]))
 
         return outputs, grad
 

@@ -130,22 +130,29 @@ class TorchEdge(Edge):
         return _keras_internals.torch_forward_mode_active()
 
     def custom_vjp(
-        self, forward, backward, *, forward_for_derivative=None, saves_outputs=False
+        self,
+        forward,
+        backward,
+        *,
+        forward_for_derivative=None,
+        saves_outputs=False,
+        extra_outputs=0,
     ):
         """An `autograd.Function` in the form `torch.func` accepts."""
-        rule = _autograd_function(backward, saves_outputs)
+        rule = _autograd_function(backward, saves_outputs, extra_outputs)
 
         def run(*inputs):
             differentiated = forward_for_derivative and any(
                 self.may_differentiate(x) for x in inputs if x.is_floating_point()
             )
             chosen = forward_for_derivative if differentiated else forward
-            return rule.apply(chosen, *inputs)[0]
+            outputs = rule.apply(chosen, *inputs)
+            return tuple(outputs[: 1 + extra_outputs]) if extra_outputs else outputs[0]
 
         return run
 
 
-def _autograd_function(backward, saves_outputs):
+def _autograd_function(backward, saves_outputs, extra_outputs):
     """A `torch.autograd.Function` (`setup_context`, a generated vmap rule)
     whose first argument is the forward pass to run."""
 
@@ -155,14 +162,15 @@ def _autograd_function(backward, saves_outputs):
         @staticmethod
         def forward(chosen, *inputs):
             outputs, saved = chosen(*inputs)
-            return (outputs, *saved)
+            return (*(outputs if extra_outputs else (outputs,)), *saved)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
             inputs = inputs[1:]
             ctx.count = len(inputs)
             # A PyTorch function cannot return its output twice to save it.
-            kept = output if saves_outputs else output[1:]
+            saved = output[1 + extra_outputs :]
+            kept = (output[0], *saved) if saves_outputs else saved
             ctx.save_for_backward(*inputs, *kept)
             ctx.mark_non_differentiable(*output[1:])
 
