@@ -47,8 +47,11 @@ BENCH_ARGS="${GPU_RUN_BENCH_ARGS:-}"
 CE_ARGS="${GPU_RUN_CE_ARGS:---tokens 8192 --depth 4096 --vocabulary 131072}"
 # TensorFlow-only tests in these files (exports, tapes, tf.distribute) skip
 # themselves on the JAX and PyTorch backends; no file needs TensorFlow whole.
+# The half-precision attention file checks the GPU's fused kernels, which the
+# default path takes for float16 and bfloat16, against the float32 contract.
 TEST_FILES="${GPU_RUN_TEST_FILES:-tests/test_attention.py tests/test_multi_head_attention.py \
-tests/test_linear_cross_entropy.py tests/test_head.py tests/test_tied_head.py \
+tests/test_attention_half_precision.py tests/test_linear_cross_entropy.py \
+tests/test_head.py tests/test_tied_head.py \
 tests/test_masking_and_special_values.py tests/test_exactness.py}"
 SITE=/tmp/site # where install-wheels.sh installs
 

@@ -9,7 +9,7 @@ refusal is printed as its row; the run goes on):
 
 - ours: `keras_softmax.dot_product_attention(q, k, v, is_causal=True)`, as
   it chooses, and with `flash_attention=True` (the "path" column names the
-  path it took, read from `keras_softmax.attention._path`);
+  path it took, read from `keras_softmax.attention.choose_path`);
 - Keras: `keras.ops.dot_product_attention(..., is_causal=True)`, as it
   chooses and with `flash_attention=True`;
 - the framework's own: on JAX `jax.nn.dot_product_attention(...,
@@ -312,19 +312,19 @@ class _Torch:
 def _record_paths():
     """A list that receives each path `keras_softmax`'s attention takes.
 
-    Introspection only: `_path` is wrapped, its answer unchanged.
+    Introspection only: `choose_path` is wrapped, its answer unchanged.
     """
     from keras_softmax import attention
 
     seen = []
-    original = attention._path
+    original = attention.choose_path
 
     def recording(*args, **kwargs):
         path = original(*args, **kwargs)
         seen.append(path)
         return path
 
-    attention._path = recording
+    attention.choose_path = recording
     return seen
 
 

@@ -38,7 +38,7 @@ _BLOCK_ELEMENTS = 1 << 21
 _MIN_BLOCK, _MAX_BLOCK = 16, 1024
 # From this many elements of scores (over the batch and the heads: 64 MiB in
 # float32, of which the full path holds several copies), blocks are chosen.
-# A policy of `attention._path`, not a block size: `BlockSizes` leaves it.
+# A policy of `attention.choose_path`, not a block size: `BlockSizes` leaves it.
 LARGE_SCORES = 1 << 24
 
 

@@ -3,9 +3,13 @@
 A query whose keys are all masked gets an output of exactly 0 (and weights
 of 0), where `keras.ops.dot_product_attention` averages the masked values.
 
-The work goes to the backend's fused attention whenever its answer is exact:
-with the temperature at 1 or above (folded into `scale`) and no weights to
-return. Two changes make it exact for every query:
+The work goes to fused attention whenever its answer is exact: with the
+temperature at 1 or above (folded into `scale`) and no weights to return.
+On a GPU that is the device's own kernel, called directly (cuDNN's through
+`jax.nn.dot_product_attention`, the flash and memory-efficient kernels of
+PyTorch's `scaled_dot_product_attention`), at any length and with any mask;
+elsewhere Keras' attention, or for long sequences the blocks
+(`_blockwise_attention`). Two changes make a kernel exact for every query:
 
 * Masking is additive, with the lowest finite float rather than Keras' fill
   of -0.7 times the largest: a masked score then stays at least 3.4e38
@@ -34,6 +38,7 @@ from keras_softmax import _dtypes
 from keras_softmax import _masks
 from keras_softmax import _numerics
 from keras_softmax import _temperature
+from keras_softmax._backend import AttentionDevice
 from keras_softmax._blockwise_attention import BlockSizes
 from keras_softmax.softmax import stable_softmax
 
@@ -61,14 +66,22 @@ def dot_product_attention(
     an output row of exactly 0, with a gradient of 0, on every backend.
     Gradients stay finite for any finite scores.
 
-    For long sequences, the attention is computed a block of keys at a
-    time (FlashAttention's algorithm), with a derivative that recomputes
-    the blocks: memory grows linearly in the sequence instead of holding
-    the `(B, N, T, S)` scores, and a causal mask skips the blocks above
-    the diagonal. The result differs from the full path's by float32
-    rounding only. Its derivative is reverse mode (and `vmap`); on
-    PyTorch, eager calls go to `scaled_dot_product_attention` where it
-    gives our result.
+    On a GPU, every call whose result the device's fused attention gives
+    takes it, at any length and with any mask (no soft cap, a temperature
+    of at least 1, no returned weights or dropout, a dtype and head sizes
+    it takes, and a bias in the inputs' dtype for half-precision inputs):
+    on JAX cuDNN's (float16 and bfloat16), on PyTorch the flash and
+    memory-efficient kernels of `scaled_dot_product_attention` (eager
+    calls; float32 too). Its derivative is reverse mode.
+
+    Elsewhere, long sequences are computed a block of keys at a time
+    (FlashAttention's algorithm), with a derivative that recomputes the
+    blocks: memory grows linearly in the sequence instead of holding the
+    `(B, N, T, S)` scores, and a causal mask skips the blocks above the
+    diagonal. The result differs from the full path's by float32 rounding
+    only. Its derivative is reverse mode (and `vmap`); on PyTorch, eager
+    calls on a CPU go to `scaled_dot_product_attention` where it gives our
+    result.
 
     Args:
         query: Queries of shape `(B, T, N, H)`: batch, query length, heads,
@@ -84,12 +97,13 @@ def dot_product_attention(
         scale: Positive number that multiplies the scores. Defaults to
             `1 / sqrt(H)`.
         is_causal: If `True`, query `t` attends to keys `s <= t` only.
-        flash_attention: As in Keras: `None` lets the function choose (the
-            blocks where the scores would pass 2**24 numbers, see below);
-            `True` takes the backend's fused flash-attention kernel where
-            there is one for the call, else the blocks, and raises a
-            `ValueError` where neither can run (a length unknown when
-            traced); `False` takes neither.
+        flash_attention: As in Keras: `None` lets the function choose (a
+            GPU's fused kernel where it gives our result, else the blocks
+            where the scores would pass 2**24 numbers; see above); `True`
+            takes the device's fused flash-attention kernel (its own, else
+            Keras') where there is one for the call, else the blocks, and
+            raises a `ValueError` where neither can run (a length unknown
+            when traced); `False` takes neither.
         attn_logits_soft_cap: Optional positive number `c`: the scaled and
             biased scores `s` become `c * tanh(s / c)` before the temperature
             and the masks (Gemma 2's soft cap).
@@ -97,8 +111,8 @@ def dot_product_attention(
             the scaled and biased (and capped) scores before the softmax.
         block_sizes: Optional `BlockSizes(query, key)`, or a pair of
             positive integers: the queries and the keys in one block of
-            the blocks (taken with `flash_attention=True` where no fused
-            kernel serves the call, and for long sequences). The other
+            the blocks (taken where no fused kernel serves the call: with
+            `flash_attention=True`, and for long sequences). The other
             paths ignore it, and it never changes which path is taken. A
             block longer than its sequence is cut to its length. `None`
             chooses square blocks of about 2**21 scores over the batch
@@ -304,7 +318,7 @@ def attend(
         dropout: Optional function applied to the weights before they
             combine the values.
         flash_attention: `None` chooses, `True` asks for a fused or
-            blockwise kernel, `False` takes neither (see `_path`).
+            blockwise kernel, `False` takes neither (see `choose_path`).
         soft_cap: Optional positive float `c`: scores `s` become
             `c * tanh(s / c)`, before the temperature and the masks.
         is_causal: Whether query `t` attends to keys `s <= t` only.
@@ -329,40 +343,50 @@ def attend(
         temperature = _temperature.Temperature(1.0)
     weightless = not return_weights and dropout is None
     choice = _Choice(foldable, weightless, flash_attention)
-    path = _path(query, key, value, bias, keep, choice)
-    if path == "keras_flash":
-        outputs = _keras_flash_attention(
-            query, key, value, bias, keep, scale, is_causal
-        )
+    tensors = tuple(t for t in (query, key, value, bias, keep) if t is not None)
+    device = _backend.attention_device(tensors)
+    refused = ()
+    while True:
+        path = choose_path(query, key, value, bias, keep, choice, device, refused)
+        if path == "blocks":
+            # The causal flag as it is: the blocks skip those above the diagonal.
+            outputs = _blocks(
+                query,
+                key,
+                value,
+                bias,
+                keep,
+                scale,
+                temperature,
+                is_causal,
+                soft_cap,
+                block_sizes,
+            )
+            return outputs, None
+        path_keep, causal = _fold_causal(path, query, key, bias, keep, is_causal)
+        if path == "explicit":
+            return _explicit_attention(
+                query,
+                key,
+                value,
+                bias,
+                path_keep,
+                scale,
+                temperature,
+                soft_cap,
+                dropout,
+                foldable,
+            )
+        if path == "sdpa":
+            outputs = _sdpa_attention(query, key, value, path_keep, scale, causal)
+        elif path == "keras_fused":
+            outputs = _keras_fused_attention(query, key, value, bias, path_keep, scale)
+        else:  # a fused kernel, which may refuse the call (None)
+            fused = _FUSED_KERNELS[path]
+            outputs = fused(query, key, value, bias, path_keep, scale, causal)
         if outputs is not None:
             return outputs, None
-        path = _path(query, key, value, bias, keep, choice, keras_flash=False)
-    if path == "blocks":
-        return _blocks(
-            query,
-            key,
-            value,
-            bias,
-            keep,
-            scale,
-            temperature,
-            is_causal,
-            soft_cap,
-            block_sizes,
-        ), None
-    # The other paths take the causal mask as a mask, but where they have
-    # a native causal flag and no other mask: folded here, once.
-    native_causal = keep is None and path == "sdpa"
-    if is_causal and not native_causal:
-        keep = _masks.with_causal(keep, ops.shape(query)[1], ops.shape(key)[1])
-        is_causal = False
-    if path == "sdpa":
-        return _sdpa_attention(query, key, value, keep, scale, is_causal), None
-    if path == "keras_fused":
-        return _keras_fused_attention(query, key, value, bias, keep, scale), None
-    return _explicit_attention(
-        query, key, value, bias, keep, scale, temperature, soft_cap, dropout, foldable
-    )
+        refused += (path,)
 
 
 class _Choice(NamedTuple):
@@ -373,11 +397,23 @@ class _Choice(NamedTuple):
     flash_attention: bool | None
 
 
-def _path(query, key, value, bias, keep, choice: _Choice, keras_flash=True) -> str:
+def choose_path(
+    query,
+    key,
+    value,
+    bias,
+    keep,
+    choice: _Choice,
+    device: AttentionDevice,
+    refused: tuple[str, ...] = (),
+) -> str:
     """The one decision of how attention is computed; each name a function.
 
+    - `"cudnn"`: cuDNN's fused attention on a JAX GPU (`_cudnn_attention`).
+    - `"sdpa_gpu"`: PyTorch's `scaled_dot_product_attention` on its fused
+      kernels, on a GPU (`_sdpa_gpu_attention`).
     - `"keras_flash"`: Keras' fused flash kernel, asked for with
-      `flash_attention=True` where the backend may have one (a GPU).
+      `flash_attention=True` where the device has none of the above.
     - `"sdpa"`: PyTorch's `scaled_dot_product_attention` on a CPU, eager
       calls without bias: it gives a query with no key kept 0.
     - `"blocks"`: `_blockwise_attention`, for long sequences (the full
@@ -387,34 +423,59 @@ def _path(query, key, value, bias, keep, choice: _Choice, keras_flash=True) -> s
     - `"explicit"`: the scores, `stable_softmax`, the weighted sum: for
       returned weights, dropout, a soft cap or a temperature below 1.
 
+    The device's fused kernel (the first two) serves every call whose
+    result it gives, whatever its mask and length, unless
+    `flash_attention=False`: no soft cap, a temperature of at least 1 (in
+    the scale), no weights or dropout, a dtype and head sizes it takes.
+
     Half-precision inputs are computed in float32 (the scores, the softmax,
     the weighted sum) and a bias in its own precision: the blocks, the
-    explicit path and SDPA compute on float32 copies. Keras' kernels take
-    the inputs as they are, so they are chosen for half precision only
-    where they may be a GPU's (which accumulate in float32), with a bias in
-    the inputs' dtype.
+    explicit path and SDPA on a CPU compute on float32 copies. The fused
+    kernels take the inputs as they are, so they are chosen for half
+    precision only where they are a GPU's (which accumulate in float32),
+    with a bias in the inputs' dtype.
+
+    Args:
+        query, key, value, bias, keep: The call's tensors, as `attend` has
+            them: their dtypes and static shapes decide.
+        choice: What the call asks for (`_Choice`).
+        device: The `AttentionDevice` it runs on (`_backend.attention_device`;
+            a test may describe a GPU).
+        refused: The paths whose kernel refused this call: not chosen again.
+
+    Returns:
+        The path's name.
+
+    Raises:
+        ValueError: naming `flash_attention=True`, where neither a fused
+            kernel nor the blocks can run.
     """
-    dtype = _dtypes.compute_dtype(query.dtype)
-    # Keras' attention casts the bias to the inputs' dtype on every backend,
-    # and on a CPU none of its kernels keeps half precision in float32
-    # (Keras 3.15): TensorFlow's computes the scores and the weighted sum in
-    # half precision, JAX's (XLA) and PyTorch's (SDPA's flash kernel) round
-    # the weights to half before the weighted sum. (`may_have_flash_kernel`
-    # stands for "a GPU's kernels", which the edge does not name; it is
-    # False on TensorFlow, whose Keras attention is half precision anywhere.)
-    half = dtype != keras.backend.standardize_dtype(query.dtype)
-    keras_keeps_precision = not half or (
-        _backend.may_have_flash_kernel(query)
-        and (bias is None or _same_dtype(bias, query))
-    )
+    given = keras.backend.standardize_dtype(query.dtype)
+    dtype = _dtypes.compute_dtype(given)
+    half = dtype != given
+    sizes = (key.shape[-1], value.shape[-1])
+    # Keras' attention and the fused kernels cast the bias to the inputs'
+    # dtype: a wider bias with half-precision inputs would be rounded.
+    precise = not half or bias is None or _same_dtype(bias, query)
     exact = (
         choice.foldable
         and choice.weightless
-        and keras_keeps_precision
-        and _backend.keras_attention_is_exact(dtype, key.shape[-1], value.shape[-1])
+        and precise
+        and _backend.keras_attention_is_exact(dtype, *sizes)
     )
     flash = choice.flash_attention
-    if keras_flash and flash and exact and _backend.may_have_flash_kernel(query):
+    kernel = _backend.fused_attention(device, given, *sizes)
+    if exact and flash is not False and kernel and kernel not in refused:
+        return kernel
+    # On a CPU none of Keras' kernels keeps half precision in float32
+    # (Keras 3.15): TensorFlow's computes the scores and the weighted sum in
+    # half precision, JAX's (XLA) and PyTorch's (SDPA's flash kernel) round
+    # the weights to half before the weighted sum. (`keras_flash_kernel`
+    # stands for "a GPU's or a TPU's kernels"; it is False on TensorFlow,
+    # whose Keras attention is half precision anywhere.)
+    keras_flash = _backend.keras_flash_kernel(device)
+    keras_exact = exact and (not half or keras_flash)
+    if flash and keras_exact and keras_flash and "keras_flash" not in refused:
         return "keras_flash"
     blocks = choice.weightless and _blockwise_attention.can_run(query, key, bias, keep)
     if flash and not blocks:
@@ -425,41 +486,135 @@ def _path(query, key, value, bias, keep, choice: _Choice, keras_flash=True) -> s
             "returned weights and lengths known when traced. "
             "Received: flash_attention=True"
         )
-    tensors = (query, key, value) + (() if keep is None else (keep,))
     if (
         choice.foldable
         and choice.weightless
         and bias is None
         and flash is not False
-        and _backend.sdpa_serves(tensors)
+        and _backend.cpu_sdpa_serves(device, given)
     ):
         return "sdpa"
     large = _blockwise_attention.scores_are_large(query, key)
     if blocks and (flash or (flash is None and large)):
         return "blocks"
-    return "keras_fused" if exact else "explicit"
+    return "keras_fused" if keras_exact else "explicit"
+
+
+# The paths whose kernel takes the causal mask as a flag, `is_causal`.
+_NATIVE_CAUSAL = ("cudnn", "sdpa_gpu", "keras_flash", "sdpa")
+
+
+def _fold_causal(path, query, key, bias, keep, is_causal):
+    """`(keep, is_causal)` as `path`'s kernel takes them: the causal mask
+    folded into `keep`, once, but where the kernel takes it as its flag.
+
+    A flag only without another mask or a bias: PyTorch's SDPA refuses a
+    mask beside `is_causal=True` on a GPU ("Explicit attn_mask should not be
+    set when is_causal=True"), and Keras' PyTorch backend hands it the bias
+    as that mask. And only with as many queries as keys, where the kernels'
+    conventions for the diagonal (top left, as ours, or bottom right) agree.
+    """
+    if not is_causal:
+        return keep, False
+    queries, keys = _backend.static_shape(query)[1], _backend.static_shape(key)[1]
+    flag = keep is None and bias is None and queries is not None and queries == keys
+    if path in _NATIVE_CAUSAL and flag:
+        return None, True
+    return _masks.with_causal(keep, ops.shape(query)[1], ops.shape(key)[1]), False
+
+
+def _cudnn_attention(
+    query, key, value, bias, keep, scale, is_causal, implementation="cudnn"
+):
+    """`jax.nn.dot_product_attention` on cuDNN's fused kernel, or None where
+    cuDNN refuses the call (it raises when traced).
+
+    The inputs as they are: cuDNN takes half precision only, and accumulates
+    in float32. It takes a bias only of the scores' last two sizes, so our
+    additive mask is broadcast to them. `implementation="xla"` runs the same
+    call on a CPU, for tests.
+    """
+    import jax
+
+    additive, live = _additive_mask(keep, bias, query.dtype)
+    if additive is not None:
+        batch, heads = _backend.static_shape(additive)[:2]
+        queries, keys = ops.shape(query)[1], ops.shape(key)[1]
+        additive = ops.broadcast_to(additive, (batch, heads, queries, keys))
+    try:
+        outputs = jax.nn.dot_product_attention(
+            query,
+            key,
+            value,
+            bias=additive,
+            scale=scale,
+            is_causal=is_causal,
+            implementation=implementation,
+        )
+    except (RuntimeError, ValueError):  # NotImplementedError included
+        return None
+    return _zero_dead_queries(outputs, live)
+
+
+def _sdpa_gpu_attention(query, key, value, bias, keep, scale, is_causal):
+    """PyTorch's `scaled_dot_product_attention` on its fused kernels, or
+    None where none of them takes the call.
+
+    Its flash, memory-efficient and cuDNN kernels, never the math one: they
+    accumulate in float32, so the inputs go as they are, and their memory
+    grows linearly in the sequence. A mask goes in as our additive mask, as
+    everywhere: SDPA on a GPU gave a query with no key kept 0.166 from a
+    bool mask.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel
+
+    additive, live = _additive_mask(keep, bias, query.dtype)
+    fused = [
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+    ]
+    try:
+        with sdpa_kernel(fused):
+            outputs = torch.nn.functional.scaled_dot_product_attention(
+                *(t.transpose(1, 2) for t in (query, key, value)),
+                attn_mask=additive,
+                is_causal=is_causal,
+                scale=scale,
+            )
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:  # "No available kernel" for this dtype, size or mask
+        return None
+    return _zero_dead_queries(outputs.transpose(1, 2), live)
 
 
 def _keras_flash_attention(query, key, value, bias, keep, scale, is_causal):
     """Keras' fused flash kernel, or None where the backend has none here."""
-    if keep is not None:
-        if is_causal:
-            keep = _masks.with_causal(keep, ops.shape(query)[1], ops.shape(key)[1])
-        live = ops.any(keep, axis=-1, keepdims=True)
-        bias = _additive_mask(keep, live, bias, query.dtype)
+    additive, live = _additive_mask(keep, bias, query.dtype)
     try:
         outputs = ops.dot_product_attention(
             query,
             key,
             value,
-            bias=bias,
+            bias=additive,
             scale=scale,
-            is_causal=is_causal and keep is None,
+            is_causal=is_causal,
             flash_attention=True,
         )
     except (RuntimeError, ValueError):  # none on a CPU, for one
         return None
-    return outputs if keep is None else outputs * _per_query(live, outputs.dtype)
+    return _zero_dead_queries(outputs, live)
+
+
+# The paths whose kernel may refuse a call, by name.
+_FUSED_KERNELS = {
+    "cudnn": _cudnn_attention,
+    "sdpa_gpu": _sdpa_gpu_attention,
+    "keras_flash": _keras_flash_attention,
+}
 
 
 def _sdpa_attention(query, key, value, keep, scale, is_causal):
@@ -468,7 +623,7 @@ def _sdpa_attention(query, key, value, keep, scale, is_causal):
 
     On a CPU (PyTorch 2.13) it gives a query with no key kept 0, and its
     flash kernel's memory grows linearly in the sequence. The edge says
-    where it may run (`sdpa_serves`). That kernel rounds half-precision
+    where it may run (`cpu_sdpa_serves`). That kernel rounds half-precision
     weights to half before the weighted sum: it runs on float32 copies.
     """
     import torch
@@ -503,15 +658,11 @@ def _blocks(
 
 def _keras_fused_attention(query, key, value, bias, keep, scale):
     """`keras.ops.dot_product_attention`, with our fill and dead queries at 0."""
-    live = None if keep is None else ops.any(keep, axis=-1, keepdims=True)
-    if keep is not None:
-        bias = _additive_mask(keep, live, bias, query.dtype)
+    additive, live = _additive_mask(keep, bias, query.dtype)
     outputs = ops.dot_product_attention(
-        query, key, value, bias=bias, scale=scale, flash_attention=False
+        query, key, value, bias=additive, scale=scale, flash_attention=False
     )
-    if live is not None:
-        outputs = outputs * _per_query(live, outputs.dtype)
-    return outputs
+    return _zero_dead_queries(outputs, live)
 
 
 def _explicit_attention(
@@ -529,10 +680,7 @@ def _explicit_attention(
     returned = value.dtype
     query, key, value = (_cast(t, dtype) for t in (query, key, value))
     if foldable:
-        additive, live = bias, None
-        if keep is not None:
-            live = ops.any(keep, axis=-1, keepdims=True)
-            additive = _additive_mask(keep, live, bias, dtype)
+        additive, live = _additive_mask(keep, bias, dtype)
         weights = ops.softmax(_scores(query, key, scale, additive, dtype), axis=-1)
         if live is not None:
             weights = weights * ops.cast(live, dtype)
@@ -547,17 +695,38 @@ def _explicit_attention(
     return _cast(outputs, returned), _cast(weights, returned)
 
 
-def _additive_mask(keep, live, bias, dtype):
-    """The bias, with the lowest finite number where a key is masked.
+def _additive_mask(keep, bias, dtype):
+    """`(additive, live)`: the bias in `dtype` (None: none) with the lowest
+    finite number where `keep` masks a key, and whether each query keeps a
+    key, `(B, N, T, 1)` (None without a mask).
 
-    Rows with nothing kept are opened, so that their scores stay finite;
-    their outputs are multiplied by 0 afterwards. In the fused kernel's
-    dtype, the inputs': a half-precision fill must be finite there too.
+    A query that keeps no key is unmasked whole, so that every kernel sees
+    finite scores there, and finite gradients (a row of fills is 0 / 0 to
+    some kernels, and gave 0.166 in SDPA on a GPU); `_zero_dead_queries`
+    then multiplies its output by 0. The fill is in the kernel's dtype (the
+    inputs'): a half-precision fill must be finite there too.
     """
     dtype = keras.backend.standardize_dtype(dtype)
+    kept = None if bias is None else _cast(bias, dtype)
+    if keep is None:
+        return kept, None
+    live = ops.any(keep, axis=-1, keepdims=True)
     opened = ops.logical_or(keep, ops.logical_not(live))
-    kept = ops.zeros((), dtype) if bias is None else ops.cast(bias, dtype)
-    return ops.where(opened, kept, _dtypes.lowest(dtype))
+    kept = ops.zeros((), dtype) if kept is None else kept
+    return ops.where(opened, kept, _dtypes.lowest(dtype)), live
+
+
+def _zero_dead_queries(outputs, live):
+    """`outputs` (`(B, T, N, H)`) with 0 for each query that keeps no key.
+
+    A multiplication rather than a `where`: the kernel's output there is
+    finite (`_additive_mask` unmasked the query), so 0 times it is exactly 0,
+    with a gradient of 0, and exported graphs keep it (see the module's
+    docstring).
+    """
+    if live is None:
+        return outputs
+    return outputs * _per_query(live, outputs.dtype)
 
 
 def _promoted(tensors):

@@ -31,12 +31,13 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
     are Keras', with the same weights in the same order, so `set_weights`
     with a Keras layer's weights gives the same results.
 
-    The body is `keras_softmax.dot_product_attention`'s: the backend's
-    fused attention when no weights are returned, there is no dropout and
-    the temperature is a number of at least 1, an explicit softmax
-    otherwise, and for long sequences (or `flash_attention=True`) the
-    blocks, whose memory grows linearly in the sequence; all with the same
-    results.
+    The body is `keras_softmax.dot_product_attention`'s, and so is the
+    choice of path: fused attention when no weights are returned, there is
+    no dropout and the temperature is a number of at least 1 (on a GPU the
+    device's own kernel, at any length), an explicit softmax otherwise, and
+    for long sequences (or `flash_attention=True`) where no fused kernel
+    serves, the blocks, whose memory grows linearly in the sequence; all
+    with the same results.
 
     Args:
         num_heads: Number of attention heads.

@@ -10,18 +10,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from support.backends import BACKEND
+from support.backends import PLATFORM
 from support.backends import compiled
 from support.backends import gradient
 from support.backends import jacobian
 from support.backends import traced
 from support.blocks import SMALL
 from support.blocks import SMALL_BLOCKS
+from support.paths import CPU
+from support.paths import GPU_KERNEL
+from support.paths import as_on_a_gpu
+from support.paths import describe
 from support.references import attention as reference_attention
 from support.references import live_queries
 from support.references import numerical_jacobian
 from support.references import output_tolerance
 from support.references import to_numpy
 
+from keras_softmax import _backend
 from keras_softmax import dot_product_attention
 from keras_softmax.attention import BlockSizes
 
@@ -136,7 +142,7 @@ def test_same_as_keras_wherever_every_query_keeps_a_key(case):
     assert np.all(np.abs(actual - expected) <= allowed)
 
 
-def test_keras_averages_padding_where_ours_gives_zero():
+def test_keras_averages_padding_on_a_cpu_where_ours_gives_zero():
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(1, 3, 2, 4)).astype("float32") for _ in range(3))
     padding = np.array([True, True, False])  # the third query and key are padding
@@ -144,8 +150,10 @@ def test_keras_averages_padding_where_ours_gives_zero():
     ours = to_numpy(dot_product_attention(q, k, v, mask=mask))
     theirs = to_numpy(keras.ops.dot_product_attention(q, k, v, mask=mask))
     np.testing.assert_array_equal(ours[0, 2], 0.0)
-    # Keras' fused path gives the padded query the mean of the values.
-    np.testing.assert_allclose(theirs[0, 2], v[0].mean(axis=0), rtol=1e-5)
+    if PLATFORM == "cpu":
+        # Keras' fused path on a CPU gives the padded query the mean of the
+        # values (on a GPU, Keras on PyTorch gives 0).
+        np.testing.assert_allclose(theirs[0, 2], v[0].mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(ours[0, :2], theirs[0, :2], rtol=1e-6, atol=1e-6)
 
 
@@ -563,8 +571,12 @@ def test_block_sizes_of_a_functional_model_save_and_reload(tmp_path):
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="reads the traced program (jaxpr)")
-def test_blocks_never_build_the_scores_forward_or_backward():
+def test_blocks_never_build_the_scores_forward_or_backward(monkeypatch):
     import jax
+
+    # The blocks as a CPU takes them: on a GPU, Keras' flash kernel is tried
+    # first, and its refused attempt would stay in the traced program.
+    monkeypatch.setattr(_backend.edge(), "attention_device", lambda tensors: CPU)
 
     length, heads, size = 64, 2, 4
     q = np.ones((1, length, heads, size), "float32")
@@ -599,11 +611,12 @@ def test_blocks_never_build_the_scores_forward_or_backward():
     assert length * length not in sizes and heads * length * length not in sizes
 
 
-@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's own attention")
+@pytest.mark.skipif(
+    BACKEND != "torch" or PLATFORM != "cpu", reason="PyTorch's own, on a CPU"
+)
 def test_pytorch_sdpa_agrees_with_the_blocks_formula_and_zeroes_dead_queries():
     import torch
 
-    from keras_softmax import _backend
     from keras_softmax import _blockwise_attention
     from keras_softmax import attention
 
@@ -620,7 +633,8 @@ def test_pytorch_sdpa_agrees_with_the_blocks_formula_and_zeroes_dead_queries():
         inputs = [t.clone().requires_grad_() for t in (q, k, v)]
         folded = keep & torch.ones(7, 7, dtype=torch.bool).tril() if is_causal else keep
         # PyTorch's own kernel is what the package picks here.
-        assert _backend.sdpa_serves((*inputs, folded))
+        device = _backend.attention_device((*inputs, folded))
+        assert _backend.cpu_sdpa_serves(device, "float32")
         native = attention._sdpa_attention(*inputs, folded, 0.5, False)
         (native * torch.arange(1.0, 5.0)).sum().backward()
         blocks_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -635,6 +649,146 @@ def test_pytorch_sdpa_agrees_with_the_blocks_formula_and_zeroes_dead_queries():
                 to_numpy(theirs.grad), to_numpy(ours.grad), rtol=1e-5, atol=1e-5
             )
         np.testing.assert_array_equal(to_numpy(inputs[0].grad)[1, 3], 0.0)
+
+
+def _gpu_case(queries, keys, seed=11, padded=None, mask=None, bias=False):
+    """float32 inputs of 2 sequences, 2 heads of 8; `padded`: a sequence
+    whose every key is padding; `mask`: a random mask that leaves query 1 of
+    sequence 0 no key; `bias`: a bias of shape `(B, 1, T, S)`."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(2, queries, 2, 8)).astype("float32")
+    k, v = (rng.normal(size=(2, keys, 2, 8)).astype("float32") for _ in range(2))
+    case = {"query": q, "key": k, "value": v}
+    if padded is not None:
+        keep = np.ones((2, 1, 1, keys), bool)
+        keep[padded] = False
+        keep[1 - padded, ..., keys - 1] = False  # and one padded key
+        case["mask"] = keep
+    if mask is not None:
+        keep = rng.random((2, 2, queries, keys)) < 0.6
+        keep[0, :, 1] = False
+        case["mask"] = keep
+    if bias:
+        case["bias"] = rng.normal(size=(2, 1, queries, keys)).astype("float32")
+    return case
+
+
+# Calls that the device's fused kernel takes on a GPU, each with what tests
+# it: the causal flag (square, nothing else), the causal mask folded (not
+# square, or beside a mask or a bias), a sequence all padding, dead queries.
+GPU_CASES = {
+    "causal": dict(case=_gpu_case(5, 5), is_causal=True),
+    "causal, more queries than keys": dict(case=_gpu_case(6, 4), is_causal=True),
+    "causal, more keys than queries": dict(case=_gpu_case(4, 6), is_causal=True),
+    "causal, a sequence all padding": dict(
+        case=_gpu_case(5, 5, padded=1), is_causal=True
+    ),
+    "a mask and a bias, causal": dict(
+        case=_gpu_case(4, 6, mask=True, bias=True), is_causal=True
+    ),
+    "a bias, causal, temperature 2": dict(
+        case=_gpu_case(5, 5, bias=True), is_causal=True, temperature=2.0
+    ),
+}
+
+
+def _never_a_mask_beside_the_causal_flag(monkeypatch):
+    """Makes the GPU's kernel refuse a mask beside `is_causal=True`, as
+    PyTorch's SDPA does on a GPU (not on a CPU), failing the test."""
+    if BACKEND == "torch":
+        import torch
+
+        module, name = torch.nn.functional, "scaled_dot_product_attention"
+    else:
+        import jax
+
+        module, name = jax.nn, "dot_product_attention"
+    kernel = getattr(module, name)
+
+    def checked(*args, **kwargs):
+        masked = kwargs.get("attn_mask", kwargs.get("bias")) is not None
+        assert not (masked and kwargs.get("is_causal")), "a mask beside is_causal"
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, checked)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="no fused kernel of its own")
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_on_a_gpu_the_default_path_takes_its_kernel_and_gives_the_reference(
+    monkeypatch, name
+):
+    taken = as_on_a_gpu(monkeypatch)
+    _never_a_mask_beside_the_causal_flag(monkeypatch)
+    arguments = GPU_CASES[name]
+    case, is_causal = arguments["case"], arguments["is_causal"]
+    temperature = arguments.get("temperature", 1.0)
+    actual = to_numpy(
+        dot_product_attention(**case, is_causal=is_causal, temperature=temperature)
+    )
+    assert taken == [GPU_KERNEL]
+    expected, _ = reference_attention(
+        **case, is_causal=is_causal, temperature=temperature
+    )
+    q, k = case["query"], case["key"]
+    live = live_queries(case.get("mask"), is_causal, q.shape[:3] + (k.shape[1],))
+    np.testing.assert_array_equal(actual[~live], 0.0)
+    allowed = output_tolerance(
+        q, k, case["value"], case.get("bias"), temperature=temperature
+    )
+    error = np.abs(actual - expected)
+    assert np.all(error <= allowed), f"error {error.max():.3g} > allowed"
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="no fused kernel of its own")
+def test_on_a_gpu_a_sequence_all_padding_has_gradients_of_exactly_zero(monkeypatch):
+    taken = as_on_a_gpu(monkeypatch)
+    case = _gpu_case(4, 4, padded=0)
+    tensors = [case.pop(name) for name in ("query", "key", "value")]
+    shapes = [t.shape for t in tensors]
+    sizes = [t.size for t in tensors]
+    x0 = np.concatenate([t.ravel() for t in tensors]).astype(np.float64)
+
+    def split(x, reshape):
+        starts = np.cumsum([0, *sizes])
+        return [
+            reshape(x[a:b], shape)
+            for a, b, shape in zip(starts[:-1], starts[1:], shapes, strict=True)
+        ]
+
+    def ours(x):
+        parts = [keras.ops.cast(p, "float32") for p in split(x, keras.ops.reshape)]
+        return dot_product_attention(*parts, **case, is_causal=True)
+
+    def reference(x):
+        return reference_attention(*split(x, np.reshape), **case, is_causal=True)[0]
+
+    actual = jacobian(ours, x0)
+    assert set(taken) == {GPU_KERNEL}
+    assert np.all(np.isfinite(actual))
+    # Sequence 0 is all padding: its outputs depend on nothing, and nothing
+    # depends on its queries, keys and values.
+    outputs = np.zeros((2, 4, 2, 8), bool)
+    outputs[0] = True
+    np.testing.assert_array_equal(actual[outputs.ravel()], 0.0)
+    inputs = np.concatenate([np.eye(2, dtype=bool)[0].repeat(s // 2) for s in sizes])
+    np.testing.assert_array_equal(actual[:, inputs], 0.0)
+    expected = numerical_jacobian(reference, x0)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="no fused kernel of its own")
+def test_where_the_gpu_kernel_refuses_a_call_the_next_path_gives_the_reference(
+    monkeypatch,
+):
+    taken = as_on_a_gpu(monkeypatch, refuse=True)
+    case = _gpu_case(5, 5, padded=1)
+    actual = to_numpy(dot_product_attention(**case, is_causal=True))
+    assert taken == [GPU_KERNEL, "keras_fused"]
+    expected, _ = reference_attention(**case, is_causal=True)
+    np.testing.assert_array_equal(actual[1], 0.0)
+    allowed = output_tolerance(case["query"], case["key"], case["value"])
+    assert np.all(np.abs(actual - expected) <= allowed)
 
 
 def test_a_functional_model_of_dot_product_attention_saves_and_reloads(tmp_path):
@@ -687,19 +841,8 @@ def test_heads_of_size_zero_and_no_scale_average_the_values():
     np.testing.assert_allclose(out[0, :, 0], [[2.0, 3.0]] * 2, rtol=1e-6)
 
 
-def describe(query, mask=None, bias=None, temperature=1.0, flash=None, weights=False):
-    """The path `attend` takes for these arguments, on this backend and device."""
-    from keras_softmax import _temperature
-    from keras_softmax import attention
-
-    query = keras.ops.convert_to_tensor(query)
-    keep = None if mask is None else keras.ops.convert_to_tensor(mask)
-    t = _temperature.normalize_temperature(temperature)
-    choice = attention._Choice(t.foldable, not weights, flash)
-    return attention._path(query, query, query, bias, keep, choice)
-
-
 def test_the_choice_of_path_is_one_decision_named_by_its_kernel():
+    # On a CPU (tests/test_paths.py asks it of a GPU).
     short = np.ones((1, 8, 2, 4), "float32")
     mask = np.ones((1, 1, 8, 8), bool)
     eager_sdpa = BACKEND == "torch"  # PyTorch's own attention on a CPU

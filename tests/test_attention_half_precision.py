@@ -12,13 +12,19 @@ import keras
 import numpy as np
 import pytest
 from support.backends import BACKEND
+from support.backends import PLATFORM
+from support.paths import GPU
+from support.paths import GPU_KERNEL
+from support.paths import describe
+from support.paths import ones
+from support.paths import record_paths
 from support.references import attention as reference_attention
 from support.references import to_numpy
 
-from keras_softmax import _backend
 from keras_softmax import _temperature
 from keras_softmax import attention
 from keras_softmax import dot_product_attention
+from keras_softmax._backend import AttentionDevice
 from keras_softmax.attention import BlockSizes
 
 # Half of a unit in the last place, relative: what rounding to each dtype
@@ -29,7 +35,7 @@ SUBNORMAL_ROUNDOFF = {"bfloat16": 2.0**-134, "float16": 2.0**-25}
 HALF = list(UNIT_ROUNDOFF)
 
 # The public arguments that take each path a CPU may run (which path runs
-# also depends on the backend and the call; `_taken` records it):
+# also depends on the backend and the call; `record_paths` records it):
 # - "chosen": as called (PyTorch's SDPA eagerly without a bias, else
 #   Keras' fused attention, or the explicit path where it cannot keep the
 #   precision);
@@ -62,18 +68,6 @@ def _float32_attention(query, key, value, bias=None, mask=None, temperature=1.0)
     weights = exp / exp.sum(-1, keepdims=True)
     assert weights.dtype == np.float32
     return np.einsum("bnts,bsnh->btnh", weights, v)
-
-
-def _taken(monkeypatch):
-    """A list that each call's path is appended to."""
-    seen, decide = [], attention._path
-
-    def recorded(*args, **kwargs):
-        seen.append(decide(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(attention, "_path", recorded)
-    return seen
 
 
 def _attend(route, tensors, bias, mask, lengths):
@@ -184,12 +178,14 @@ def test_scores_and_the_weighted_sum_are_computed_in_float32(monkeypatch, dtype,
     # computed the scores and the weighted sum in float16 here (an error of
     # 8.0e-4, where float32 rounded to float16 errs 2.0e-4), and PyTorch's
     # SDPA rounds the weights to half precision on a CPU.
-    seen = _taken(monkeypatch)
+    seen = record_paths(monkeypatch)
     rng = np.random.default_rng(2)
     inputs = [rng.normal(size=(1, length, 1, 16)) for length in (8, 16, 16)]
     _check(route, dtype, inputs)
     if BACKEND == "torch" and route in ("chosen", "blocks"):
-        assert seen == ["sdpa"]  # eager, without a bias: SDPA, in float32
+        # Eager, without a bias: SDPA, on a CPU on float32 copies, on a GPU
+        # its fused kernels, which accumulate in float32.
+        assert seen == ["sdpa" if PLATFORM == "cpu" else "sdpa_gpu"]
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -207,21 +203,33 @@ def test_a_half_precision_bias_is_taken_as_given(dtype):
         assert np.all(error <= allowed), (arguments, error.max())
 
 
+# A GPU where the device's own kernel does not serve, and Keras' may.
+KERAS_ONLY_GPU = {
+    "jax": AttentionDevice("gpu"),  # no compute capability: no cuDNN
+    "torch": GPU._replace(eager=False),  # traced: no SDPA of ours
+}.get(BACKEND, GPU)
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["own kernel", "Keras' kernel"])
 @pytest.mark.parametrize(
     "flash, kernel, instead",
     [(True, "keras_flash", "blocks"), (None, "keras_fused", "explicit")],
 )
-def test_a_gpu_kernel_never_rounds_a_wider_bias(monkeypatch, flash, kernel, instead):
-    # Where Keras' fused kernels take half-precision inputs (a GPU's: no
-    # CPU here, so the edge is told there is one), Keras casts the bias to
-    # the inputs' dtype: a float32 bias takes a path that keeps it.
-    monkeypatch.setattr(_backend.edge(), "may_have_flash_kernel", lambda t: True)
-    query = keras.ops.ones((1, 8, 2, 4), "bfloat16")
-    choice = attention._Choice(foldable=True, weightless=True, flash_attention=flash)
+def test_a_gpu_kernel_never_rounds_a_wider_bias(flash, kernel, instead, own):
+    # On a GPU the fused kernels (the device's own and Keras') take
+    # half-precision inputs as they are, and cast the bias to their dtype:
+    # a float32 bias takes a path that keeps it. (Keras' TensorFlow
+    # attention is half precision anywhere: never taken for half inputs.)
+    if own and GPU_KERNEL:
+        kernel = GPU_KERNEL
+    if BACKEND == "tensorflow":
+        kernel = instead
+    query = ones((1, 8, 2, 8), "bfloat16")
 
     def path(bias_dtype):
-        bias = keras.ops.zeros((1, 1, 8, 8), bias_dtype)
-        return attention._path(query, query, query, bias, None, choice)
+        bias = ones((1, 1, 8, 8), bias_dtype)
+        device = GPU if own else KERAS_ONLY_GPU
+        return describe(query, bias=bias, flash=flash, device=device)
 
     assert path("bfloat16") == kernel
     assert path("float32") == instead

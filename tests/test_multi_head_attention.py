@@ -6,8 +6,12 @@ import keras
 import numpy as np
 import pytest
 from support.backends import BACKEND
+from support.backends import PLATFORM
 from support.backends import exports
 from support.blocks import SMALL
+from support.paths import GPU_KERNEL
+from support.paths import as_on_a_gpu
+from support.paths import record_paths
 from support.references import FLOAT32_EPS
 from support.references import attention as reference_attention
 from support.references import to_numpy
@@ -84,7 +88,7 @@ def test_same_outputs_as_keras_wherever_every_query_keeps_a_key(causal):
         )
 
 
-def test_fully_masked_query_outputs_the_output_bias_where_keras_averages():
+def test_fully_masked_query_outputs_the_output_bias_where_keras_averages_on_a_cpu():
     ours, theirs = _pair()
     x = _inputs()
     mask = np.ones((3, 5, 5), bool)
@@ -96,9 +100,11 @@ def test_fully_masked_query_outputs_the_output_bias_where_keras_averages():
     np.testing.assert_array_equal(weights[0, :, 2], 0.0)
     np.testing.assert_array_equal(weights[1, :, :, 3:], 0.0)
     np.testing.assert_array_equal(to_numpy(ours(x, x, attention_mask=mask))[0, 2], bias)
-    # Keras' default path gives the padded query the average of the values.
-    keras_out = to_numpy(theirs(x, x, attention_mask=mask))
-    assert np.abs(keras_out[0, 2] - bias).max() > 0.1
+    if PLATFORM == "cpu":
+        # Keras' default path on a CPU gives the padded query the average of
+        # the values (on a GPU, Keras on PyTorch gives 0).
+        keras_out = to_numpy(theirs(x, x, attention_mask=mask))
+        assert np.abs(keras_out[0, 2] - bias).max() > 0.1
     expected, expected_weights = _projected_reference(ours, x, x, mask)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(weights, expected_weights, rtol=1e-5, atol=1e-6)
@@ -143,6 +149,35 @@ def test_flash_attention_takes_blocks_with_the_reference_result(temperature):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="flash attention"):
         ours(x, x, **_scores())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_layer_takes_the_functions_decision_on_a_gpu(monkeypatch, causal):
+    # `StableMultiHeadAttention` computes through `attend`, which asks
+    # `choose_path`: as on a GPU here (PyTorch's SDPA kernels run on this
+    # CPU, cuDNN's call on XLA; TensorFlow has no kernel of its own).
+    ours, _ = _pair()
+    taken = as_on_a_gpu(monkeypatch) if GPU_KERNEL else record_paths(monkeypatch)
+    x = _inputs()
+    mask = np.random.default_rng(6).random((3, 5, 5)) < 0.6
+    mask[0, 2] = False  # a query that keeps no key
+    mask[2] = False  # a sequence of padding only
+    out = to_numpy(ours(x, x, attention_mask=mask, use_causal_mask=causal))
+    assert taken == [GPU_KERNEL or "keras_fused"]
+    keep = mask & np.tril(np.ones((5, 5), bool)) if causal else mask
+    expected, _ = _projected_reference(ours, x, x, keep)
+    bias = to_numpy(ours.output_dense.bias)
+    np.testing.assert_array_equal(out[0, 2], bias)
+    np.testing.assert_array_equal(out[2], np.broadcast_to(bias, (5, 8)))
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    # Without a mask. (Keras' `call` builds the causal mask for a subclass
+    # that computes its own attention, so the kernel gets it as a mask.)
+    del taken[:]
+    plain = to_numpy(ours(x, x, use_causal_mask=causal))
+    assert taken == [GPU_KERNEL or "keras_fused"]
+    full = np.ones((3, 5, 5), bool)
+    expected, _ = _projected_reference(ours, x, x, np.tril(full) if causal else full)
+    np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0, 0.5])

@@ -18,13 +18,20 @@ from support.backends import compiled
 from support.backends import gradient
 from support.backends import traced
 from support.fresh_process import check_python
+from support.paths import CPU
+from support.paths import GPU
+from support.paths import GPU_KERNEL
+from support.paths import describe
+from support.paths import ones
 from support.references import numerical_jacobian
 from support.references import to_numpy
 
 from keras_softmax import _backend
+from keras_softmax import attention
 from keras_softmax import softmax as core
 from keras_softmax import stable_log_softmax
 from keras_softmax import stable_softmax
+from keras_softmax._backend import AttentionDevice
 
 
 def eager(fn):
@@ -198,3 +205,166 @@ def test_log_softmax_needs_at_most_one_output_of_extra_memory():
     extra = float(check_python("-c", textwrap.dedent(code)).split()[-1])
     # The output itself is one input's worth.
     assert extra <= 1.1, extra
+
+
+# Attention's choice of path: `attention.choose_path`, the one decision,
+# asked on this CPU for a described device. Each case is a call and the
+# path it takes on a GPU on each backend: the device's own fused kernel
+# (`GPU_KERNEL`: cuDNN on JAX, SDPA's fused kernels on PyTorch; TensorFlow
+# has none) wherever it gives our result, else the choice a CPU makes.
+LONG = (1, 2048, 4, 8)  # 4 * 2048**2 = 2**24 scores: the blocks' threshold
+SHORT = (1, 8, 2, 8)
+OLD_GPU = AttentionDevice("gpu", compute_capability=(7, 5))  # before Ampere
+TRACED_GPU = GPU._replace(eager=False)  # a PyTorch trace, `torch.func`
+K = GPU_KERNEL
+ALL = ("jax", "torch", "tensorflow")
+ON_A_GPU = {
+    # case: (describe's arguments, {backend: path}); bfloat16 and LONG
+    # unless they say otherwise.
+    "no mask": ({}, {"jax": K, "torch": K, "tensorflow": "blocks"}),
+    "short, no mask": (
+        {"shape": SHORT},
+        {"jax": K, "torch": K, "tensorflow": "explicit"},
+    ),
+    "key padding": (
+        {"mask": np.ones((1, 1, 1, 2048), bool)},
+        {"jax": K, "torch": K, "tensorflow": "blocks"},
+    ),
+    "any mask": (
+        {"mask": np.ones((1, 4, 2048, 2048), bool)},
+        {"jax": K, "torch": K, "tensorflow": "blocks"},
+    ),
+    "more queries than keys": (
+        {"shape": (1, 4096, 4, 8), "key_length": 2048},
+        {"jax": K, "torch": K, "tensorflow": "blocks"},
+    ),
+    "bfloat16 bias": (
+        {"bias": ("bfloat16", (1, 1, 2048, 2048))},
+        {"jax": K, "torch": K, "tensorflow": "blocks"},
+    ),
+    "float32 bias": (  # which the kernel would round to bfloat16
+        {"bias": ("float32", (1, 1, 2048, 2048))},
+        {"jax": "blocks", "torch": "blocks", "tensorflow": "blocks"},
+    ),
+    "soft cap": ({"soft_cap": 30.0}, dict.fromkeys(ALL, "blocks")),
+    "temperature 0.5": ({"temperature": 0.5}, dict.fromkeys(ALL, "blocks")),
+    "temperature in a tensor": (
+        {"temperature": "tensor"},
+        dict.fromkeys(ALL, "blocks"),
+    ),
+    "temperature 2, folded": (
+        {"temperature": 2.0},
+        {"jax": K, "torch": K, "tensorflow": "blocks"},
+    ),
+    "float32": (  # no cuDNN kernel for float32
+        {"dtype": "float32"},
+        {"jax": "blocks", "torch": K, "tensorflow": "blocks"},
+    ),
+    "float32, short": (
+        {"dtype": "float32", "shape": SHORT},
+        {"jax": "keras_fused", "torch": K, "tensorflow": "keras_fused"},
+    ),
+    "float64": ({"dtype": "float64"}, dict.fromkeys(ALL, "blocks")),
+    "head size 12": (  # cuDNN's are multiples of 8
+        {"shape": (1, 2048, 4, 12)},
+        {"jax": "blocks", "torch": K, "tensorflow": "blocks"},
+    ),
+    "flash_attention=False": (
+        {"flash": False},
+        {"jax": "keras_fused", "torch": "keras_fused", "tensorflow": "explicit"},
+    ),
+    "flash_attention=True": (
+        {"flash": True},
+        {"jax": K, "torch": K, "tensorflow": "blocks"},
+    ),
+    "flash_attention=True, float32": (
+        {"flash": True, "dtype": "float32"},
+        {"jax": "keras_flash", "torch": K, "tensorflow": "blocks"},
+    ),
+    "returned weights": ({"weights": True}, dict.fromkeys(ALL, "explicit")),
+    "the kernel refused the call": (
+        {"refused": (K,)},
+        dict.fromkeys(ALL, "blocks"),
+    ),
+    "flash_attention=True, the kernel refused": (
+        {"flash": True, "refused": (K,)},
+        {"jax": "keras_flash", "torch": "keras_flash", "tensorflow": "blocks"},
+    ),
+    "a GPU before Ampere": (
+        {"device": OLD_GPU},
+        {"jax": "blocks", "torch": K, "tensorflow": "blocks"},
+    ),
+    "traced": (
+        {"device": TRACED_GPU},
+        {"jax": K, "torch": "blocks", "tensorflow": "blocks"},
+    ),
+    "on a CPU": (
+        {"device": CPU},
+        {"jax": "blocks", "torch": "sdpa", "tensorflow": "blocks"},
+    ),
+    "on a CPU, float32, short": (
+        {"device": CPU, "dtype": "float32", "shape": SHORT},
+        {"jax": "keras_fused", "torch": "sdpa", "tensorflow": "keras_fused"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ON_A_GPU, ids=str)
+def test_the_choice_of_attention_path_on_a_gpu(case):
+    arguments, paths = ON_A_GPU[case]
+    arguments = {"device": GPU, **arguments}
+    dtype = arguments.pop("dtype", "bfloat16")
+    query = ones(arguments.pop("shape", LONG), dtype)
+    if keras.backend.standardize_dtype(query.dtype) != dtype:
+        pytest.skip(f"no {dtype} here")
+    if "bias" in arguments:
+        bias_dtype, shape = arguments["bias"]
+        arguments["bias"] = ones(shape, bias_dtype)
+    if arguments.get("temperature") == "tensor":
+        arguments["temperature"] = keras.ops.convert_to_tensor(2.0)
+    if BACKEND == "tensorflow" and "refused" in arguments:
+        pytest.skip("TensorFlow has no kernel of its own to refuse a call")
+    assert describe(query, **arguments) == paths[BACKEND]
+
+
+def test_flash_attention_true_raises_naming_it_where_nothing_can_run_on_a_gpu():
+    with pytest.raises(ValueError, match=r"flash_attention=True"):
+        describe(ones(SHORT, "bfloat16"), flash=True, weights=True, device=GPU)
+
+
+def _folded(path, keep=None, bias=None, queries=4, keys=4):
+    """`_fold_causal`'s answer for a causal call: `(mask or None, flag)`."""
+    query = ones((1, queries, 1, 8))
+    key = ones((1, keys, 1, 8))
+    keep = None if keep is None else keras.ops.convert_to_tensor(keep)
+    bias = None if bias is None else ones((1, 1, queries, keys))
+    mask, flag = attention._fold_causal(path, query, key, bias, keep, True)
+    return (None if mask is None else to_numpy(mask)), flag
+
+
+KERNELS = ["cudnn", "sdpa_gpu", "keras_flash", "sdpa", "keras_fused", "explicit"]
+
+
+@pytest.mark.parametrize("path", KERNELS)
+def test_a_kernel_takes_the_causal_flag_only_alone_and_square(path):
+    # PyTorch's SDPA refuses a mask beside `is_causal=True` on a GPU, and
+    # kernels align a non-square causal mask differently (ours: top left).
+    keep = np.array([True, False, True, True]).reshape(1, 1, 1, 4)
+    cases = {
+        "alone": dict(),
+        "with a mask": dict(keep=keep),
+        "with a bias": dict(bias=True),
+        "more queries": dict(queries=6),
+        "more keys": dict(keys=6),
+    }
+    for name, arguments in cases.items():
+        mask, flag = _folded(path, **arguments)
+        if name == "alone" and path in attention._NATIVE_CAUSAL:
+            assert mask is None and flag
+            continue
+        assert not flag, name
+        queries, keys = arguments.get("queries", 4), arguments.get("keys", 4)
+        expected = np.tril(np.ones((queries, keys), bool)) & arguments.get("keep", True)
+        np.testing.assert_array_equal(mask, np.broadcast_to(expected, mask.shape))
+    q = ones((1, 4, 1, 8))
+    assert attention._fold_causal(path, q, q, None, None, False) == (None, False)

@@ -20,6 +20,7 @@ import importlib
 import keras
 
 from keras_softmax._backend.base import SURFACE
+from keras_softmax._backend.base import AttentionDevice  # noqa: F401 (re-exported)
 from keras_softmax._backend.base import Edge
 
 # The frameworks with an edge of their own; any other backend (NumPy,

@@ -7,40 +7,64 @@ all there; what it keeps is Keras'. The last methods (`cond_no_nan`,
 the rest of the surface.
 """
 
+from typing import NamedTuple
+
 import keras
 import numpy as np
 
 # What `_backend.<name>` resolves on the running backend.
 SURFACE = (
     "add_matmul",
+    "attention_device",
     "chunk_elements",
     "cond_no_nan",
+    "cpu_sdpa_serves",
     "custom_vjp",
     "fori_loop",
+    "fused_attention",
     "half_kernels_accumulate_in_float32",
     "half_matmul_in_float32_serves",
     "has_reverse_rules",
     "is_concrete",
     "keras_attention_is_exact",
+    "keras_flash_kernel",
     "loop_index",
     "losses_read_logits",
     "matmul",
     "maximum",
     "may_differentiate",
-    "may_have_flash_kernel",
     "read",
     "power_of_two",
     "reduce_all",
     "reduce_any",
     "reduce_max",
     "scan",
-    "sdpa_serves",
     "slice_add",
     "static_shape",
     "takes_fused_path",
     "to_tensor",
     "with_reverse_rule",
 )
+
+
+class AttentionDevice(NamedTuple):
+    """The device an attention call runs on, as its choice of path sees it.
+
+    The edge describes the running call's (`Edge.attention_device`); a test
+    describes a GPU on a CPU, to check the path a GPU call would take.
+
+    Attributes:
+        platform: `"cpu"`, `"gpu"` or `"tpu"` (JAX's names: PyTorch's
+            `"cuda"` is a `"gpu"`).
+        eager: Whether the call runs now, outside the transforms that
+            PyTorch's own attention lacks rules for (tracing, `torch.func`,
+            forward mode). Always True on the other backends.
+        compute_capability: An NVIDIA GPU's `(major, minor)`, else None.
+    """
+
+    platform: str
+    eager: bool = True
+    compute_capability: tuple[int, int] | None = None
 
 
 class Edge:
@@ -64,13 +88,28 @@ class Edge:
         inputs of `dtype` and these head sizes (before our mask and fill)."""
         return True
 
-    def may_have_flash_kernel(self, tensor) -> bool:
-        """Whether Keras may have a fused flash-attention kernel for `tensor`."""
+    def attention_device(self, tensors) -> AttentionDevice:
+        """The device attention of `tensors` (query first) runs on.
+
+        A backend without an edge of its own (NumPy, OpenVINO) runs on a CPU.
+        """
+        return AttentionDevice("cpu")
+
+    def fused_attention(
+        self, device: AttentionDevice, dtype: str, key_size, value_size
+    ) -> str | None:
+        """The device's fused attention kernel that attention calls itself,
+        for inputs of `dtype` and these head sizes: the name of its path in
+        `attention.choose_path`, or None where there is none."""
+        return None
+
+    def keras_flash_kernel(self, device: AttentionDevice) -> bool:
+        """Whether Keras may have a fused flash-attention kernel on `device`."""
         return False
 
-    def sdpa_serves(self, tensors) -> bool:
-        """Whether PyTorch's `scaled_dot_product_attention` can run on
-        `tensors` now with our semantics (see `attention._sdpa_attention`)."""
+    def cpu_sdpa_serves(self, device: AttentionDevice, dtype: str) -> bool:
+        """Whether PyTorch's `scaled_dot_product_attention` on a CPU serves
+        inputs of `dtype` on `device` (see `attention._sdpa_attention`)."""
         return False
 
     def half_kernels_accumulate_in_float32(self) -> bool:

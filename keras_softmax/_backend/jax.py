@@ -3,6 +3,7 @@ answers serve, but for a scan, attention and the custom derivative."""
 
 import jax
 
+from keras_softmax._backend.base import AttentionDevice
 from keras_softmax._backend.base import Edge
 
 
@@ -13,9 +14,29 @@ class JaxEdge(Edge):
         # differs from the keys'.
         return dtype != "float64" and key_size == value_size
 
-    def may_have_flash_kernel(self, tensor) -> bool:
+    def attention_device(self, tensors) -> AttentionDevice:
+        device = jax.devices()[0]
+        capability = getattr(device, "compute_capability", None)  # "9.0"
+        if capability is not None:
+            capability = tuple(int(n) for n in capability.split(".")[:2])
+        return AttentionDevice(device.platform, compute_capability=capability)
+
+    def fused_attention(self, device, dtype: str, key_size, value_size) -> str | None:
+        # cuDNN's flash attention through `jax.nn.dot_product_attention`
+        # (JAX 0.10): half precision only, from Ampere on, with heads of one
+        # size, a multiple of 8 (at most 128, or 256 from Hopper on).
+        capability = device.compute_capability
+        if device.platform != "gpu" or capability is None or capability < (8, 0):
+            return None
+        largest = 256 if capability >= (9, 0) else 128
+        heads = key_size == value_size and key_size is not None
+        if dtype in ("float16", "bfloat16") and heads and key_size % 8 == 0:
+            return "cudnn" if key_size <= largest else None
+        return None
+
+    def keras_flash_kernel(self, device) -> bool:
         # Keras 3.15 has none on a CPU: asking only fails.
-        return jax.devices()[0].platform != "cpu"
+        return device.platform != "cpu"
 
     def is_concrete(self, tensor) -> bool:
         return not isinstance(tensor, jax.core.Tracer)

@@ -6,6 +6,7 @@ import functools
 import tensorflow as tf
 
 from keras_softmax import _keras_internals
+from keras_softmax._backend.base import AttentionDevice
 from keras_softmax._backend.base import Edge
 
 # Elements from which an eager call runs as a graph (see graph_when_large).
@@ -21,6 +22,13 @@ class TensorFlowEdge(Edge):
 
     def losses_read_logits(self) -> bool:
         return True
+
+    def attention_device(self, tensors) -> AttentionDevice:
+        # An eager tensor names its device; a traced one often does not (""),
+        # which reads as a CPU. Nothing TensorFlow's attention chooses depends
+        # on it: Keras' TensorFlow attention has no fused kernel.
+        on_gpu = "GPU" in (getattr(tensors[0], "device", "") or "")
+        return AttentionDevice("gpu" if on_gpu else "cpu")
 
     def is_concrete(self, tensor) -> bool:
         return tf.executing_eagerly() or not tf.is_tensor(tensor)

@@ -6,7 +6,11 @@ import numpy as np
 import torch
 
 from keras_softmax import _keras_internals
+from keras_softmax._backend.base import AttentionDevice
 from keras_softmax._backend.base import Edge
+
+# What SDPA's fused kernels take on a GPU (PyTorch 2.13).
+_SDPA_GPU_DTYPES = ("float16", "bfloat16", "float32")
 
 
 class TorchEdge(Edge):
@@ -19,24 +23,37 @@ class TorchEdge(Edge):
         # Keras' attention returns float32 for float64 inputs.
         return dtype != "float64"
 
-    def may_have_flash_kernel(self, tensor) -> bool:
+    def attention_device(self, tensors) -> AttentionDevice:
+        # PyTorch's own kernels run on eager calls only: a traced one would
+        # freeze the choice into the trace, and forward mode and `torch.func`
+        # find no rules for them.
+        device = tensors[0].device
+        eager = all(map(self.is_concrete, tensors))
+        eager = eager and not _keras_internals.torch_forward_mode_active()
+        if device.type != "cuda":
+            return AttentionDevice(device.type, eager)
+        capability = torch.cuda.get_device_capability(device)
+        return AttentionDevice("gpu", eager, capability)
+
+    def fused_attention(self, device, dtype: str, key_size, value_size) -> str | None:
+        # SDPA's flash, memory-efficient and cuDNN kernels (never its math
+        # kernel), which accumulate in float32: for eager calls on a GPU.
+        fused = device.platform == "gpu" and device.eager
+        return "sdpa_gpu" if fused and dtype in _SDPA_GPU_DTYPES else None
+
+    def keras_flash_kernel(self, device) -> bool:
         # Keras 3.15 has none on a CPU: asking only fails.
-        return tensor.device.type != "cpu"
+        return device.platform != "cpu"
 
     def half_kernels_accumulate_in_float32(self) -> bool:
         # `torch.softmax` and `log_softmax` on float16 and bfloat16 compute
         # in float32 (`acc_type`), on a CPU and a GPU alike (2.13).
         return True
 
-    def sdpa_serves(self, tensors) -> bool:
-        # A CPU and eager calls (a traced one would freeze the choice); not
-        # float64, where derivatives are checked (the kernel has no second
-        # derivative), nor forward mode or `torch.func` (no rules for them).
-        if tensors[0].dtype == torch.float64:
-            return False
-        if any(t.device.type != "cpu" or not self.is_concrete(t) for t in tensors):
-            return False
-        return not _keras_internals.torch_forward_mode_active()
+    def cpu_sdpa_serves(self, device, dtype: str) -> bool:
+        # Not float64, where derivatives are checked: the CPU kernel has no
+        # second derivative.
+        return device.platform == "cpu" and device.eager and dtype != "float64"
 
     def is_concrete(self, tensor) -> bool:
         # A traced value (torch.jit.trace, the ONNX exporter) read now would
