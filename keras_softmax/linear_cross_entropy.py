@@ -534,33 +534,60 @@ def _weighted_sum_rule(spec):
     )
 
 
-class _Chunk(NamedTuple):
-    """One chunk's tempered, shifted logits and what the loss needs of them."""
+# Each `[C, V]` tensor of a chunk loses its last name (`del`, or rebinding)
+# as soon as the next is made: eager backends (PyTorch, TensorFlow's) free
+# it then, so that a chunk holds two such tensors at its peak, not five.
 
-    logits: object  # soft-capped, before the temperature; None without a cap
-    shifted: object  # (logits - top) / t
-    exp_shifted: object
-    top: object  # [C, 1]
-    total: object  # [C, 1]: sum of exp_shifted
+
+class _Chunk(NamedTuple):
+    """What the loss and its gradients need of one chunk's logits, bar the
+    `[C, V]` numerator of its softmax, `exp(z - max z)` (`z = logits / t`)."""
+
+    capped: object  # the soft-capped logits; None without a cap
+    top: object  # [C, 1]: the largest logit
+    total: object  # [C, 1]: the sum of the numerator
     log_total: object  # [C, 1]
+    picked: object  # [C, 1]: the label's shifted logit, (logit - top) / t
+    mean: object  # [C, 1]: the mean shifted logit; None without smoothing
+    expected: object  # [C, 1]: sum(numerator * shifted), for `t`'s gradient
     ranks: object  # [C]: the labels' ranks; None unless `spec.ranked`
 
 
-def _chunk_logits(spec, h, w, b, t, y):
+def _chunk_softmax(spec, h, w, b, t, y, differentiated=False):
+    """One chunk's softmax numerator `[C, V]`, and its `_Chunk`."""
     logits = _backend.matmul(h, w, transpose_b=spec.transposed, float32=spec.half)
-    logits = logits + b
-    logits = _numerics.soft_cap(logits, spec.soft_cap)
+    logits = _numerics.soft_cap(logits + b, spec.soft_cap)
     # Ranked on the logits themselves: the shift and the temperature round.
     ranks = _ranks_in_chunk(logits, y) if spec.ranked else None
     top = ops.max(logits, axis=-1, keepdims=True)
     shifted = logits - top
+    # Only the cap's derivative needs the logits.
+    capped = logits if spec.soft_cap is not None and differentiated else None
+    del logits
     if spec.tempered:
         shifted = shifted / t
-    exp_shifted = ops.exp(shifted)
-    total = ops.sum(exp_shifted, axis=-1, keepdims=True)
-    # Only the cap's derivative needs them: eager backends free them now.
-    logits = logits if spec.soft_cap is not None else None
-    return _Chunk(logits, shifted, exp_shifted, top, total, ops.log(total), ranks)
+    picked = ops.take_along_axis(shifted, y[:, None], axis=-1)
+    mean = None
+    if spec.smoothing:
+        # (Keras' mean on JAX, 3.15, sums float64 in float32.)
+        mean = ops.sum(shifted, axis=-1, keepdims=True) / shifted.shape[-1]
+    numerator = ops.exp(shifted)
+    expected = None
+    if spec.tempered and differentiated:
+        expected = ops.sum(numerator * shifted, axis=-1, keepdims=True)
+    del shifted
+    total = ops.sum(numerator, axis=-1, keepdims=True)
+    chunk = _Chunk(
+        capped=capped,
+        top=top,
+        total=total,
+        log_total=ops.log(total),
+        picked=picked,
+        mean=mean,
+        expected=expected,
+        ranks=ranks,
+    )
+    return numerator, chunk
 
 
 def _ranks_in_chunk(logits, y):
@@ -574,14 +601,11 @@ def _ranks_in_chunk(logits, y):
     return ops.sum(ops.cast(above, logits.dtype), axis=-1)
 
 
-def _chunk_losses(spec, c: _Chunk, t, y):
+def _chunk_losses(spec, c: _Chunk, t):
     """`[C]` unweighted losses of one chunk."""
-    picked = ops.take_along_axis(c.shifted, y[:, None], axis=-1)
-    loss = (1 - spec.smoothing) * (c.log_total - picked)
+    loss = (1 - spec.smoothing) * (c.log_total - c.picked)
     if spec.smoothing:
-        # (Keras' mean on JAX, 3.15, sums float64 in float32.)
-        mean = ops.sum(c.shifted, axis=-1, keepdims=True) / c.shifted.shape[-1]
-        loss = loss + spec.smoothing * (c.log_total - mean)
+        loss = loss + spec.smoothing * (c.log_total - c.mean)
     if spec.z_loss:
         loss = loss + spec.z_loss * ops.square(c.top / t + c.log_total)
     return loss[:, 0]
@@ -594,32 +618,37 @@ class _Gradients(NamedTuple):
     temperature: object  # scalar
 
 
-def _chunk_gradients(spec, c: _Chunk, h, w, t, y, weights) -> _Gradients:
-    """The gradients of `sum(weights * losses)` over one chunk."""
-    vocabulary = c.shifted.shape[-1]
+def _chunk_losses_and_gradients(spec, h, w, b, t, y, weights):
+    """`[C]` unweighted losses, `[C]` ranks (or None), and the `_Gradients`
+    of `sum(weights * losses)` over one chunk."""
+    # `grad` is the chunk's one running `[C, V]` tensor: the softmax's
+    # numerator, then d loss / d z, then d loss / d logits.
+    grad, c = _chunk_softmax(spec, h, w, b, t, y, differentiated=True)
+    losses = _chunk_losses(spec, c, t)
+    weights = weights[:, None]
     # d loss / d z, with the weights folded into the softmax's scale.
-    scale = weights[:, None] / c.total
+    scale = weights / c.total
     if spec.z_loss:
         scale = scale * (1.0 + 2.0 * spec.z_loss * (c.top / t + c.log_total))
-    dz = c.exp_shifted * scale
-    is_label = ops.arange(vocabulary, dtype="int32")[None, :] == y[:, None]
-    dz = ops.where(is_label, dz - (1.0 - spec.smoothing) * weights[:, None], dz)
+    grad = grad * scale
+    grad = _backend.add_at_columns(grad, y, -(1.0 - spec.smoothing) * weights[:, 0])
     if spec.smoothing:
-        dz = dz - (spec.smoothing / vocabulary) * weights[:, None]
-    dt = ops.zeros((), dz.dtype)
-    d_logits = dz
+        grad = grad - (spec.smoothing / grad.shape[-1]) * weights
+    dt = ops.zeros((), grad.dtype)
     if spec.tempered:
-        # z = shifted + top / t, so d z / d t = -z / t.
-        dt = (
-            -(ops.sum(dz * c.shifted) + ops.sum(ops.sum(dz, axis=-1) * c.top[:, 0]) / t)
-            / t
-        )
-        d_logits = dz / t
+        # z = shifted + top / t, so d z / d t = -z / t; each row's sums
+        # over the classes, from the chunk's own.
+        dot = scale * c.expected - (1.0 - spec.smoothing) * weights * c.picked
+        if spec.smoothing:
+            dot = dot - spec.smoothing * weights * c.mean
+        row_sum = scale * c.total - weights
+        dt = -(ops.sum(dot) + ops.sum(row_sum * c.top) / t) / t
+        grad = grad / t
     if spec.soft_cap is not None:
-        d_logits = d_logits * _numerics.soft_cap_derivative(c.logits, spec.soft_cap)
+        grad = grad * _numerics.soft_cap_derivative(c.capped, spec.soft_cap)
     # Half operands multiply the logits' gradients rounded to half,
     # accumulating in float32, as a half matmul's own gradient does.
-    d_operand = ops.cast(d_logits, h.dtype) if spec.half else d_logits
+    d_operand = ops.cast(grad, h.dtype) if spec.half else grad
     if spec.transposed:
         d_inputs = _backend.matmul(d_operand, w, float32=spec.half)
     else:
@@ -628,13 +657,14 @@ def _chunk_gradients(spec, c: _Chunk, h, w, t, y, weights) -> _Gradients:
         d_inputs = ops.transpose(
             _backend.matmul(w, d_operand, transpose_b=True, float32=spec.half)
         )
-    return _Gradients(
+    gradients = _Gradients(
         # The kernel is read in place in either layout, never transposed.
         inputs=ops.cast(d_inputs, h.dtype),
         kernel=(d_operand, h) if spec.transposed else (h, d_operand),
-        bias=ops.sum(d_logits, axis=0),
+        bias=ops.sum(grad, axis=0),
         temperature=dt,
     )
+    return losses, c.ranks, gradients
 
 
 def _scan_losses(spec, h, w, b, t, y):
@@ -643,16 +673,16 @@ def _scan_losses(spec, h, w, b, t, y):
 
     def step(carry, xs):
         h_c, y_c = xs
-        c = _chunk_logits(spec, h_c, w, b, t, y_c)
-        return carry, (_chunk_losses(spec, c, t, y_c), *_ranks_of(c))
+        _, c = _chunk_softmax(spec, h_c, w, b, t, y_c)
+        return carry, (_chunk_losses(spec, c, t), *_ranks_of(c.ranks))
 
     _, (losses, *ranks) = _backend.scan(step, (), _split(spec, h, y))
     return _flat(losses), _flat(*ranks)
 
 
-def _ranks_of(c: _Chunk) -> tuple:
+def _ranks_of(ranks) -> tuple:
     """A scan step's ranks output: none where not ranked."""
-    return () if c.ranks is None else (c.ranks,)
+    return () if ranks is None else (ranks,)
 
 
 def _flat(*chunked):
@@ -668,11 +698,11 @@ def _scan_losses_and_gradients(spec, h, w, b, t, y, weights):
     def step(carry, xs):
         dw, db, dt = carry
         h_c, y_c, weights_c = xs
-        c = _chunk_logits(spec, h_c, w, b, t, y_c)
-        losses = _chunk_losses(spec, c, t, y_c)
-        g = _chunk_gradients(spec, c, h_c, w, t, y_c, weights_c)
+        losses, ranks, g = _chunk_losses_and_gradients(
+            spec, h_c, w, b, t, y_c, weights_c
+        )
         dw = _backend.add_matmul(dw, *g.kernel, transpose_a=True)
-        outputs = (losses, g.inputs, *_ranks_of(c))
+        outputs = (losses, g.inputs, *_ranks_of(ranks))
         return (dw, db + g.bias, dt + g.temperature), outputs
 
     # One float32 accumulator for a half kernel's gradient (`b` is in the

@@ -14,6 +14,7 @@ import numpy as np
 
 # What `_backend.<name>` resolves on the running backend.
 SURFACE = (
+    "add_at_columns",
     "add_matmul",
     "attention_device",
     "chunk_elements",
@@ -191,6 +192,15 @@ class Edge:
         """`x` with `update` added to its block that starts at `starts`."""
         block = keras.ops.slice(x, starts, keras.ops.shape(update))
         return keras.ops.slice_update(x, starts, block + update)
+
+    def add_at_columns(self, x, columns, values):
+        """`x` `[C, V]` with `values[i]` added at `x[i, columns[i]]`.
+
+        A `where` over `x`, which compilers fuse with what makes `x` and
+        what reads the result (a scatter is a kernel of its own there).
+        """
+        hit = keras.ops.arange(x.shape[-1], dtype="int32")[None, :] == columns[:, None]
+        return keras.ops.where(hit, x + values[:, None], x)
 
     # Control flow.
 

@@ -133,6 +133,12 @@ class TorchEdge(Edge):
 
         return added(x, 0)
 
+    def add_at_columns(self, x, columns, values):
+        # A scatter: eager PyTorch would hold the bool mask, `x + values`
+        # and the `where`'s result beside `x`, each of `x`'s size.
+        rows = torch.arange(x.shape[0], device=x.device)
+        return x.index_put((rows, columns.long()), values, accumulate=True)
+
     def loop_index(self, i):
         # The loops are Python's, and Keras' slices take a fast path for ints.
         return i if isinstance(i, int) else int(i)
