@@ -26,7 +26,11 @@ class TorchEdge(Edge):
     def attention_device(self, tensors) -> AttentionDevice:
         # PyTorch's own kernels run on eager calls only: a traced one would
         # freeze the choice into the trace, and forward mode and `torch.func`
-        # find no rules for them.
+        # find no rules for them. (NumPy inputs, which Keras' layers may be
+        # handed, run where Keras converts them to.)
+        tensors = [
+            t if isinstance(t, torch.Tensor) else self.to_tensor(t) for t in tensors
+        ]
         device = tensors[0].device
         eager = all(map(self.is_concrete, tensors))
         eager = eager and not _keras_internals.torch_forward_mode_active()
