@@ -67,7 +67,9 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
         return_attention_scores: If `True`, also return the attention
             weights, of shape `(B, num_heads, T, S)`.
         training: Whether dropout is active.
-        use_causal_mask: If `True`, query `t` attends to keys `s <= t`.
+        use_causal_mask: If `True`, query `t` attends to keys `s <= t`. As
+            the only mask, it reaches the kernels as their causal flag
+            (the blocks then skip those above the diagonal).
 
     Returns:
         The attention output of shape `(B, T, E)`, and with
@@ -177,6 +179,39 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             temperature=self._fixed_temperature,
         )
 
+    def _compute_attention_mask(
+        self,
+        query,
+        value,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        use_causal_mask=False,
+    ):
+        # Keras 3.15's `call` hands `_compute_attention` the causal flag only
+        # in a layer that keeps Keras' own; here the flag travels in the
+        # mask's place where it is the only mask, so that the kernels take
+        # it as their flag (and the blocks skip those above the diagonal)
+        # instead of a `[T, S]` mask.
+        masks = (query_mask, value_mask, key_mask, attention_mask)
+        if (
+            use_causal_mask
+            and all(m is None for m in masks)
+            and getattr(self, "_sliding_window", None) is None
+            and len(query.shape) == 3  # attention over one axis
+        ):
+            return _CAUSAL_ONLY
+        return super()._compute_attention_mask(
+            query,
+            value,
+            query_mask=query_mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+            attention_mask=attention_mask,
+            use_causal_mask=use_causal_mask,
+        )
+
     def _compute_attention(
         self,
         query,
@@ -187,6 +222,8 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
         return_attention_scores=False,
         use_causal_mask=False,
     ):
+        if attention_mask is _CAUSAL_ONLY:
+            attention_mask, use_causal_mask = None, True
         if len(query.shape) != 4:
             return super()._compute_attention(
                 query,
@@ -248,6 +285,10 @@ class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
             }
         )
         return config
+
+
+# `_compute_attention_mask`'s answer where the causal mask is the only one.
+_CAUSAL_ONLY = object()
 
 
 def _checked_temperature(temperature, trainable_temperature):

@@ -170,14 +170,37 @@ def test_the_layer_takes_the_functions_decision_on_a_gpu(monkeypatch, causal):
     np.testing.assert_array_equal(out[0, 2], bias)
     np.testing.assert_array_equal(out[2], np.broadcast_to(bias, (5, 8)))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
-    # Without a mask. (Keras' `call` builds the causal mask for a subclass
-    # that computes its own attention, so the kernel gets it as a mask.)
+    # Without a mask: a causal mask alone reaches the kernel as its flag.
     del taken[:]
     plain = to_numpy(ours(x, x, use_causal_mask=causal))
     assert taken == [GPU_KERNEL or "keras_fused"]
     full = np.ones((3, 5, 5), bool)
     expected, _ = _projected_reference(ours, x, x, np.tril(full) if causal else full)
     np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scores", [False, True], ids=["outputs", "with scores"])
+def test_a_causal_mask_alone_reaches_attention_as_the_causal_flag(scores):
+    # Not as a [T, S] mask, which kernels (and the blocks, which then skip
+    # nothing) would read in full.
+    ours, theirs = _pair()
+    x = _inputs()
+    calls = []
+    attend = keras_softmax.attention.attend
+
+    def spy(*args, **kwargs):
+        calls.append((args[4] is None, kwargs["is_causal"]))
+        return attend(*args, **kwargs)
+
+    kwargs = {"use_causal_mask": True, "return_attention_scores": scores}
+    with mock.patch.object(keras_softmax.attention, "attend", spy):
+        out = ours(x, x, **kwargs)
+        padded = ours(x, x, attention_mask=np.ones((3, 5, 5), bool), **kwargs)
+    assert calls == [(True, True), (False, False)]
+    expected = keras.tree.flatten(theirs(x, x, **kwargs))
+    for actual in (out, padded):
+        for a, b in zip(keras.tree.flatten(actual), expected, strict=True):
+            np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0, 0.5])
