@@ -553,10 +553,15 @@ class _Chunk(NamedTuple):
     ranks: object  # [C]: the labels' ranks; None unless `spec.ranked`
 
 
+def _chunk_logits(spec, h, w, b):
+    """One chunk's `[C, V]` logits, soft-capped where asked."""
+    logits = _backend.matmul(h, w, transpose_b=spec.transposed, float32=spec.half)
+    return _numerics.soft_cap(logits + b, spec.soft_cap)
+
+
 def _chunk_softmax(spec, h, w, b, t, y, differentiated=False):
     """One chunk's softmax numerator `[C, V]`, and its `_Chunk`."""
-    logits = _backend.matmul(h, w, transpose_b=spec.transposed, float32=spec.half)
-    logits = _numerics.soft_cap(logits + b, spec.soft_cap)
+    logits = _chunk_logits(spec, h, w, b)
     # Ranked on the logits themselves: the shift and the temperature round.
     ranks = _ranks_in_chunk(logits, y) if spec.ranked else None
     top = ops.max(logits, axis=-1, keepdims=True)
@@ -841,11 +846,9 @@ def linear_label_ranks(
 
     def step(carry, xs):
         h_c, y_c = xs
-        logits = _backend.matmul(
-            h_c, args.kernel, transpose_b=spec.transposed, float32=spec.half
+        return carry, (
+            _ranks_in_chunk(_chunk_logits(spec, h_c, args.kernel, bias), y_c),
         )
-        logits = _numerics.soft_cap(logits + bias, spec.soft_cap)
-        return carry, (_ranks_in_chunk(logits, y_c),)
 
     _, (ranks,) = _backend.scan(step, (), _split(spec, hidden, labels))
     ranks = _flat(ranks)[:n] + _rank_poison(args)
