@@ -627,28 +627,33 @@ def _chunk_losses_and_gradients(spec, h, w, b, t, y, weights):
     """`[C]` unweighted losses, `[C]` ranks (or None), and the `_Gradients`
     of `sum(weights * losses)` over one chunk."""
     # `grad` is the chunk's one running `[C, V]` tensor: the softmax's
-    # numerator, then d loss / d z, then d loss / d logits.
+    # numerator, then d loss / d logits per unit of the row's weight. The
+    # weights (and 1 / t) scale the products' `[C, D]` and `[C]` operands
+    # instead: each pass over a `[C, V]` tensor costs a CPU as much as a
+    # tenth of a matrix product.
     grad, c = _chunk_softmax(spec, h, w, b, t, y, differentiated=True)
     losses = _chunk_losses(spec, c, t)
     weights = weights[:, None]
-    # d loss / d z, with the weights folded into the softmax's scale.
-    scale = weights / c.total
+    scale = 1.0 / c.total
     if spec.z_loss:
         scale = scale * (1.0 + 2.0 * spec.z_loss * (c.top / t + c.log_total))
     grad = grad * scale
-    grad = _backend.add_at_columns(grad, y, -(1.0 - spec.smoothing) * weights[:, 0])
+    grad = _backend.add_at_columns(
+        grad, y, ops.full(ops.shape(y), -(1.0 - spec.smoothing), grad.dtype)
+    )
     if spec.smoothing:
-        grad = grad - (spec.smoothing / grad.shape[-1]) * weights
+        grad = grad - spec.smoothing / grad.shape[-1]
     dt = ops.zeros((), grad.dtype)
+    rows = weights  # [C, 1]: d loss / d logits is `rows * grad`
     if spec.tempered:
         # z = shifted + top / t, so d z / d t = -z / t; each row's sums
         # over the classes, from the chunk's own.
-        dot = scale * c.expected - (1.0 - spec.smoothing) * weights * c.picked
+        dot = scale * c.expected - (1.0 - spec.smoothing) * c.picked
         if spec.smoothing:
-            dot = dot - spec.smoothing * weights * c.mean
-        row_sum = scale * c.total - weights
-        dt = -(ops.sum(dot) + ops.sum(row_sum * c.top) / t) / t
-        grad = grad / t
+            dot = dot - spec.smoothing * c.mean
+        row_sum = scale * c.total - 1.0
+        dt = -ops.sum(weights * (dot + row_sum * c.top / t)) / t
+        rows = weights / t
     if spec.soft_cap is not None:
         grad = grad * _numerics.soft_cap_derivative(c.capped, spec.soft_cap)
     # Half operands multiply the logits' gradients rounded to half,
@@ -662,11 +667,17 @@ def _chunk_losses_and_gradients(spec, h, w, b, t, y, weights):
         d_inputs = ops.transpose(
             _backend.matmul(w, d_operand, transpose_b=True, float32=spec.half)
         )
+    weighted_inputs = ops.cast(ops.cast(h, rows.dtype) * rows, h.dtype)
     gradients = _Gradients(
         # The kernel is read in place in either layout, never transposed.
-        inputs=ops.cast(d_inputs, h.dtype),
-        kernel=(d_operand, h) if spec.transposed else (h, d_operand),
-        bias=ops.sum(grad, axis=0),
+        inputs=ops.cast(d_inputs * rows, h.dtype),
+        kernel=(
+            (d_operand, weighted_inputs)
+            if spec.transposed
+            else (weighted_inputs, d_operand)
+        ),
+        # A matrix-vector product: a column sum is a slow pass on a CPU.
+        bias=_backend.matmul(rows, grad, transpose_a=True)[0],
         temperature=dt,
     )
     return losses, c.ranks, gradients
