@@ -379,8 +379,8 @@ def _chunk(chunk_size, vocabulary, hidden):
     )
     if chunk_size is not None:
         return chunk_size
-    elements = _backend.chunk_elements(hidden)
-    return max(1, elements // max(int(vocabulary), 1))
+    vocabulary = max(int(vocabulary), 1)
+    return max(1, _backend.chunk_elements(hidden, vocabulary) // vocabulary)
 
 
 class _Spec(NamedTuple):

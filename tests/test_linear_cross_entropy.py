@@ -355,6 +355,22 @@ def test_a_chunk_holds_two_tensors_of_its_logits_size_at_its_peak():
     assert extra < 2.5, f"extra peak {extra:.2f} x a chunk's logits"
 
 
+def test_chunks_hold_64_mib_of_logits_or_128_on_a_tensorflow_cpu_at_an_eighth():
+    from keras_softmax.linear_cross_entropy import _chunk
+
+    vocabulary = 131072
+
+    def rows(positions):
+        return _chunk(None, vocabulary, np.zeros((positions // 4, 4, 8), "float32"))
+
+    # 64 MiB of float32 logits (32 MiB for JAX on a CPU); TensorFlow on a
+    # CPU takes 128 MiB where that is an eighth of the logits at most.
+    default = {"jax": 64}.get(BACKEND, 128)
+    assert rows(512) == default
+    assert rows(4096) == (256 if BACKEND == "tensorflow" else default)
+    assert _chunk(100, vocabulary, np.zeros((4096, 8))) == 100
+
+
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", None])
 def test_an_empty_batch_has_a_loss_of_zero_and_zero_gradients(reduction):
     kernel = np.ones((3, 5), "float32")
