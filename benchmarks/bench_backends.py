@@ -289,6 +289,12 @@ def main(argv=None):
         print(half_peak_mib(args.half_memory_of))
         return
     if args.backend:
+        # Keras reads its backend once, on import: run without
+        # KERAS_BACKEND, `--backend torch` timed TensorFlow's ops on
+        # PyTorch's tensors.
+        os.environ["KERAS_BACKEND"] = args.backend
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        assert "keras" not in sys.modules, "keras was imported before its backend"
         run_backend(args.backend, args.rounds)
         return
     print(f"float32, median of {args.rounds} interleaved rounds")
