@@ -379,8 +379,8 @@ def _chunk(chunk_size, vocabulary, hidden):
     )
     if chunk_size is not None:
         return chunk_size
-    vocabulary = max(int(vocabulary), 1)
-    return max(1, _backend.chunk_elements(hidden, vocabulary) // vocabulary)
+    elements = _backend.chunk_elements(hidden)
+    return max(1, elements // max(int(vocabulary), 1))
 
 
 class _Spec(NamedTuple):

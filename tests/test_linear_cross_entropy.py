@@ -355,20 +355,18 @@ def test_a_chunk_holds_two_tensors_of_its_logits_size_at_its_peak():
     assert extra < 2.5, f"extra peak {extra:.2f} x a chunk's logits"
 
 
-def test_chunks_hold_64_mib_of_logits_or_128_on_a_tensorflow_cpu_at_an_eighth():
+def test_chunks_hold_64_mib_of_logits_32_for_jax_on_a_cpu_or_the_rows_asked():
     from keras_softmax.linear_cross_entropy import _chunk
 
     vocabulary = 131072
-
-    def rows(positions):
-        return _chunk(None, vocabulary, np.zeros((positions // 4, 4, 8), "float32"))
-
-    # 64 MiB of float32 logits (32 MiB for JAX on a CPU); TensorFlow on a
-    # CPU takes 128 MiB where that is an eighth of the logits at most.
+    # TensorFlow's CPU kernels multiply chunks of 256 rows faster here
+    # (0.92x the naive step against 1.04x to 1.08x at N = 4096, D = 512),
+    # but copy the kernel to do so: 894 MiB, where 400 is the target.
     default = {"jax": 64}.get(BACKEND, 128)
-    assert rows(512) == default
-    assert rows(4096) == (256 if BACKEND == "tensorflow" else default)
-    assert _chunk(100, vocabulary, np.zeros((4096, 8))) == 100
+    for positions in (512, 4096):
+        hidden = np.zeros((positions // 4, 4, 8), "float32")
+        assert _chunk(None, vocabulary, hidden) == default
+    assert _chunk(100, vocabulary, hidden) == 100
 
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", None])

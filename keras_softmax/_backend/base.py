@@ -162,10 +162,9 @@ class Edge:
             a, b = keras.ops.cast(a, "float32"), keras.ops.cast(b, "float32")
         return keras.ops.matmul(a, b)
 
-    def chunk_elements(self, tensor, vocabulary: int) -> int:
+    def chunk_elements(self, tensor) -> int:
         """How many logits a chunk of the large-vocabulary loss holds at
-        once (64 MiB in float32), for hidden states `tensor` `[..., D]` and
-        `vocabulary` classes."""
+        once (64 MiB in float32), for inputs like `tensor`."""
         return 1 << 24
 
     def half_matmul_in_float32_serves(self, tensor) -> bool:

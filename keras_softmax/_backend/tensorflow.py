@@ -2,7 +2,6 @@
 library that imports TensorFlow (with the private-API ledger)."""
 
 import functools
-import math
 
 import numpy as np
 import tensorflow as tf
@@ -63,19 +62,6 @@ class TensorFlowEdge(Edge):
         rows = tf.range(tf.shape(x)[0], dtype=columns.dtype)
         indices = tf.stack([rows, columns], axis=1)
         return tf.tensor_scatter_nd_add(x, indices, tf.cast(values, x.dtype))
-
-    def chunk_elements(self, tensor, vocabulary: int) -> int:
-        # On a CPU, oneDNN multiplies a chunk's 256 rows by a [512, 131072]
-        # kernel faster than 128 (a step at N = 4096: 0.91x to 0.94x the
-        # naive step's time, against 1.04x to 1.08x), at 0.45x its memory
-        # against 0.16x. Chunks of 128 MiB are taken only where they stay
-        # an eighth of the logits: with fewer, a keras-hub step (N = 512)
-        # peaked as high as keras-hub's own.
-        leading = tensor.shape[:-1]
-        logits = 0 if None in leading else math.prod(leading) * vocabulary
-        if not tf.config.list_logical_devices("GPU") and logits >= 8 << 25:
-            return 1 << 25
-        return super().chunk_elements(tensor, vocabulary)
 
     def reduce_max(self, x, axis=None, keepdims=False):
         # Keras' eager maximum runs an extra op to refuse empty tensors,
