@@ -46,9 +46,9 @@ from keras_softmax import _temperature
 
 # exp(t) is exactly 0 in these dtypes for every t below -_UNDERFLOW. The
 # fused kernels that take half precision compute exp in float32.
+_UNDERFLOW = {"float32": 104.0, "float64": 746.0, "float16": 104.0, "bfloat16": 104.0}
 # The most outputs of an eager call the fused path's check reads whole.
 _READ_WHOLE = 1 << 16
-_UNDERFLOW = {"float32": 104.0, "float64": 746.0, "float16": 104.0, "bfloat16": 104.0}
 
 
 def stable_softmax(x, axis=-1, mask=None, temperature=1.0):
@@ -214,9 +214,9 @@ def _fused(x, axis, keep, t, log, t_varies):
 
     The check is one small tensor (a value per slice at most), with a NaN
     exactly where the kernel's answer might not be exact, so that an eager
-    call reads a few numbers. Half-precision `x` (a kernel that accumulates
-    in float32, untempered) stays in its dtype; the exact formula, for the
-    rare slice, computes in float32.
+    call reads a few numbers (a small one, its outputs). Half-precision `x`
+    (a kernel that accumulates in float32, untempered) stays in its dtype;
+    the exact formula, for the rare slice, computes in float32.
     """
     edge = _backend.edge()
     dtype = keras.backend.standardize_dtype(x.dtype)
@@ -235,8 +235,13 @@ def _fused(x, axis, keep, t, log, t_varies):
         def witness(fast):
             # An eager call's few outputs are read as they are: one more
             # op, the sum, costs more than reading them (at [1, 32000] on a
-            # CPU, 28 us against 9).
-            if edge.is_concrete(fast) and math.prod(fast.shape) <= _READ_WHOLE:
+            # CPU, 28 us against 9). NumPy would read half ones as a
+            # float32 copy.
+            if (
+                dtype not in _dtypes.HALF_DTYPES
+                and edge.is_concrete(fast)
+                and math.prod(fast.shape) <= _READ_WHOLE
+            ):
                 return fast
             return ops.sum(fast, axis=axis)
 
