@@ -6,6 +6,7 @@
 #   bench_jax       benchmarks/bench_gpu_attention.py --backend jax   (issue 27)
 #   bench_torch     benchmarks/bench_gpu_attention.py --backend torch
 #   cross_entropy   benchmarks/bench_half_cross_entropy.py, N=8192 D=4096 V=131072 (JAX)
+#   cross_entropy_torch   the same on PyTorch                        (issue 28)
 #   tests           the GPU test files on KERAS_BACKEND=torch and =jax, a log
 #                   and a timeout per file; the two backends side by side
 #                   (after the benchmarks, which run alone on the machine)
@@ -20,7 +21,10 @@
 # The device call (the `run` tool), from the repository root:
 #   command: bash .ci/gpu_run.sh      carry: [".whl"]      timeout_s: 540
 # Its files come back from $OUT (default here: /tmp/gpu_out): summary.txt,
-# bench_jax.log, bench_torch.log, cross_entropy.log, tests_<backend>_<file>.log.
+# bench_jax.log, bench_torch.log, cross_entropy.log, cross_entropy_torch.log,
+# tests_<backend>_<file>.log. The benchmarks' caps add up to about the budget,
+# so a first call may leave the tests skipped; a second call runs them:
+#   command: GPU_RUN_STAGES="install env tests" bash .ci/gpu_run.sh
 #
 # The code measured and tested is the checkout's own: PYTHONPATH puts the
 # repository root before /tmp/site (as `python3 -m pytest` does anyway), so the
@@ -29,7 +33,8 @@
 # expected on the machine; the env stage says if one is missing.
 #
 # Knobs (environment): GPU_RUN_BUDGET (seconds, 450), GPU_RUN_STAGES (a subset
-# of "install env bench_jax bench_torch cross_entropy tests"), GPU_RUN_TEST_FILES,
+# of "install env bench_jax bench_torch cross_entropy cross_entropy_torch
+# tests"), GPU_RUN_TEST_FILES,
 # GPU_RUN_WORKERS (8), GPU_RUN_BENCH_ARGS (e.g. "--lengths 4096"), GPU_RUN_CE_ARGS,
 # PYTHON (python3). A dry run on a CPU, without the install:
 #   GPU_RUN_STAGES="env bench_jax bench_torch tests" GPU_RUN_BENCH_ARGS=--small \
@@ -41,7 +46,7 @@ cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-/tmp/gpu_out}"
 PYTHON="${PYTHON:-python3}"
 BUDGET="${GPU_RUN_BUDGET:-450}"
-STAGES="${GPU_RUN_STAGES:-install env bench_jax bench_torch cross_entropy tests}"
+STAGES="${GPU_RUN_STAGES:-install env bench_jax bench_torch cross_entropy cross_entropy_torch tests}"
 WORKERS="${GPU_RUN_WORKERS:-8}"
 BENCH_ARGS="${GPU_RUN_BENCH_ARGS:-}"
 CE_ARGS="${GPU_RUN_CE_ARGS:---tokens 8192 --depth 4096 --vocabulary 131072}"
@@ -181,6 +186,11 @@ if wanted cross_entropy; then
   run_stage cross_entropy 75 env KERAS_BACKEND=jax \
     "$PYTHON" -u benchmarks/bench_half_cross_entropy.py $CE_ARGS
 fi
+if wanted cross_entropy_torch; then
+  # shellcheck disable=SC2086
+  run_stage cross_entropy_torch 60 "$PYTHON" -u \
+    benchmarks/bench_half_cross_entropy.py --backend torch $CE_ARGS
+fi
 if wanted tests; then
   run_tests torch &
   torch_tests=$!
@@ -203,10 +213,12 @@ for log in "$OUT/bench_jax.log" "$OUT/bench_torch.log"; do
     sed -n '/^### Summary/,$p' "$log"
   fi
 done
-if [[ -f "$OUT/cross_entropy.log" ]]; then
-  echo
-  echo "==== cross_entropy.log"
-  tail -n 8 "$OUT/cross_entropy.log"
-fi
+for log in "$OUT/cross_entropy.log" "$OUT/cross_entropy_torch.log"; do
+  if [[ -f $log ]]; then
+    echo
+    echo "==== $(basename "$log")"
+    tail -n 9 "$log"
+  fi
+done
 # Exit 0 only if every stage that ran exited 0.
 ! grep -q 'rc=[1-9]' "$SUMMARY"

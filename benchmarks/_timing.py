@@ -134,8 +134,9 @@ def step_report(contenders, timings: Timings | None, memory: dict) -> list[str]:
     ours = contenders[0]
     lines = ["| step | wall s | CPU s | extra peak MiB |", "|---|---|---|---|"]
     for which in contenders:
-        wall = "" if timings is None else f"{timings.wall[which]:.2f}"
-        cpu = "" if timings is None else f"{timings.cpu[which]:.2f}"
+        # Four significant digits: a GPU's steps take milliseconds.
+        wall = "" if timings is None else f"{timings.wall[which]:.4g}"
+        cpu = "" if timings is None else f"{timings.cpu[which]:.4g}"
         peak = memory[which]
         peak = "failed" if isinstance(peak, str) else f"{peak:.0f}"
         lines.append(f"| {which} | {wall} | {cpu} | {peak} |")

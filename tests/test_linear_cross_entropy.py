@@ -592,10 +592,15 @@ def _tf_ops(graph):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_inputs_keep_float32_losses_and_half_gradients(dtype):
-    # Where the backend multiplies half operands into float32 (JAX), they
-    # are never copied to float32; elsewhere they are cast. Either way the
-    # losses are those of float32 logits of the half values, and the
-    # gradients, in the inputs' dtype, within half rounding of float64's.
+    # Where the backend multiplies half operands into float32 (JAX, PyTorch
+    # on a GPU), they are never copied to float32; elsewhere they are cast.
+    _check_half_inputs(dtype)
+
+
+def _check_half_inputs(dtype):
+    """The losses of half inputs are those of float32 logits of the half
+    values, and the gradients, in the inputs' dtype, within half rounding
+    of float64's."""
     labels, h, w, b = _problem(n=40, depth=16, vocabulary=90)
     half_h, half_w = (keras.ops.cast(a, dtype) for a in (h, w))
     exact = [to_numpy(keras.ops.cast(a, "float64")) for a in (half_h, half_w)]
@@ -641,6 +646,116 @@ def _gradient_as_given(fn, x):
     x = x.detach().requires_grad_(True)
     fn(x).backward()
     return x.grad
+
+
+@pytest.fixture
+def emulated_float32_products():
+    """PyTorch's `out_dtype` products, computed as CUDA's kernels compute
+    them (float32 accumulation of half operands), on any device: 2.13 has
+    no CPU kernel for them. Counts the calls of each, and every float32
+    copy of a half tensor as large as `watched_size`."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from keras_softmax._backend import torch as torch_edge
+
+    aten = torch.ops.aten
+
+    class Float32Products(TorchDispatchMode):
+        failing = ()  # overloads that raise, as a device without them would
+        rounding = False  # whether mm rounds its product to the half dtype
+        watched_size = None
+
+        def __init__(self):
+            super().__init__()
+            self.calls, self.copies = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in self.failing:
+                raise NotImplementedError(f"no kernel for {func}")
+            if func is aten.mm.dtype:
+                self.calls.append("mm")
+                a, b, out_dtype = args
+                if self.rounding:
+                    return torch.mm(a, b).to(out_dtype)
+                return torch.mm(a.to(out_dtype), b.to(out_dtype))
+            if func is aten.addmm.dtype_out:
+                self.calls.append("addmm")
+                total, a, b, out_dtype = args
+                a, b = a.to(out_dtype), b.to(out_dtype)
+                return torch.addmm(total, a, b, **kwargs)
+            out = func(*args, **kwargs)
+            if func is aten._to_copy.default and self.watched_size is not None:
+                given = args[0]
+                if (
+                    given.dtype in (torch.bfloat16, torch.float16)
+                    and out.dtype == torch.float32
+                    and given.numel() >= self.watched_size
+                ):
+                    self.copies.append(tuple(given.shape))
+            return out
+
+    torch_edge._float32_product_of_half.cache_clear()
+    try:
+        yield Float32Products
+    finally:
+        torch_edge._float32_product_of_half.cache_clear()
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's out_dtype products")
+def test_pytorch_asks_its_device_how_it_multiplies_half_operands_into_float32(
+    emulated_float32_products,
+):
+    import torch
+
+    from keras_softmax._backend.torch import _float32_product_of_half
+    from keras_softmax._backend.torch import _Float32Product
+
+    cpu = torch.device("cpu")
+    # PyTorch 2.13 has no CPU kernel: the operands are cast instead.
+    assert _float32_product_of_half(cpu, torch.bfloat16) is None
+    assert _float32_product_of_half(cpu, torch.float32) is None
+    aten = torch.ops.aten
+    cases = [
+        ((), False, _Float32Product.ADDED_IN_PLACE),
+        ((aten.addmm.dtype_out,), False, _Float32Product.MADE_APART),
+        ((aten.mm.dtype,), False, None),
+        ((), True, None),  # a float32 result that was rounded to half
+    ]
+    for failing, rounding, expected in cases:
+        for dtype in (torch.bfloat16, torch.float16):
+            _float32_product_of_half.cache_clear()
+            mode = emulated_float32_products()
+            mode.failing, mode.rounding = failing, rounding
+            with mode:
+                assert _float32_product_of_half(cpu, dtype) is expected, (
+                    failing,
+                    dtype,
+                )
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's out_dtype products")
+@pytest.mark.parametrize("kernels", ["mm and addmm", "mm", "none"])
+def test_pytorch_half_loss_takes_float32_products_where_the_device_has_them(
+    emulated_float32_products, kernels
+):
+    import torch
+
+    aten = torch.ops.aten
+    mode = emulated_float32_products()
+    mode.failing = {
+        "mm and addmm": (),
+        "mm": (aten.addmm.dtype_out,),
+        "none": (aten.mm.dtype, aten.addmm.dtype_out),
+    }[kernels]
+    mode.watched_size = 16 * 90  # the kernel's, in _check_half_inputs
+    with mode:
+        _check_half_inputs("bfloat16")
+    assert set(mode.calls) == set(kernels.split(" and ")) - {"none"}
+    # The kernel is copied to float32 only where the device has no such
+    # products.
+    assert bool(mode.copies) == (kernels == "none"), mode.copies
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX multiplies bf16 into float32")

@@ -2,6 +2,9 @@
 float64 kept where Keras would compute it in float32, and `torch.func`'s
 transforms respected."""
 
+import enum
+import functools
+
 import numpy as np
 import torch
 
@@ -95,10 +98,19 @@ class TorchEdge(Edge):
         # Keras' `result_type` of two torch float64 dtypes is float32. A
         # transposed matrix is a view, which BLAS reads in place.
         a, b = a.T if transpose_a else a, b.T if transpose_b else b
-        if float32:
-            # (`torch.mm(out_dtype=)` has no CPU kernel in PyTorch 2.13.)
+        if float32 and a.dtype != torch.float32:
+            if self.half_matmul_in_float32_serves(a):
+                return torch.mm(a, b, out_dtype=torch.float32)
             a, b = a.float(), b.float()
         return torch.matmul(a, b)
+
+    def half_matmul_in_float32_serves(self, tensor) -> bool:
+        # Eager calls only: `torch.func` finds no batching rule for the
+        # `out_dtype` overloads.
+        return (
+            self.is_concrete(tensor)
+            and _float32_product_of_half(tensor.device, tensor.dtype) is not None
+        )
 
     def maximum(self, a, b):
         return torch.maximum(a, b)  # as `matmul`
@@ -117,9 +129,14 @@ class TorchEdge(Edge):
         concrete = all(map(self.is_concrete, (total, a, b)))
         if concrete and not total.requires_grad:
             a = a.T if transpose_a else a
-            if total.dtype != a.dtype:
-                a, b = a.to(total.dtype), b.to(total.dtype)
-            return total.addmm_(a, b)
+            if total.dtype == a.dtype:
+                return total.addmm_(a, b)
+            added = _float32_product_of_half(a.device, a.dtype)
+            if total.dtype != torch.float32 or added is None:
+                return total.addmm_(a.to(total.dtype), b.to(total.dtype))
+            if added is _Float32Product.ADDED_IN_PLACE:
+                return torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
+            return total.add_(torch.mm(a, b, out_dtype=total.dtype))
         return total + self.matmul(a, b, transpose_a=transpose_a)
 
     def slice_add(self, x, starts, update):
@@ -177,6 +194,46 @@ class TorchEdge(Edge):
             return tuple(outputs[: 1 + extra_outputs]) if extra_outputs else outputs[0]
 
         return run
+
+
+class _Float32Product(enum.Enum):
+    """How a device multiplies half-precision operands into float32."""
+
+    ADDED_IN_PLACE = "adds the product into a float32 total in place (`addmm`)"
+    MADE_APART = "makes the product (`mm`), which is then added"
+
+
+@functools.cache
+def _float32_product_of_half(device, dtype) -> _Float32Product | None:
+    """How `device` multiplies `dtype` operands into a float32 product, or
+    None where it cannot (casting them then copies the operands).
+
+    PyTorch's `out_dtype` overloads of `mm` and `addmm` accumulate half
+    operands in float32 without a float32 copy of them. In 2.13 they have
+    CUDA kernels only, and some versions' `addmm` refuses a float32 total
+    or writes it elsewhere. Each is tried once per device and dtype, on a
+    product that the half dtype cannot hold (`1 + eps / 2`).
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    half_eps = torch.finfo(dtype).eps / 2
+    a = torch.ones((1, 2), dtype=dtype, device=device)
+    b = torch.tensor([[1.0], [half_eps]], dtype=dtype, device=device)
+    try:
+        product = torch.mm(a, b, out_dtype=torch.float32)
+    except (NotImplementedError, RuntimeError, TypeError):
+        return None
+    if product.dtype != torch.float32 or product.item() != 1.0 + half_eps:
+        return None
+    total = torch.full((1, 1), 0.5, device=device)
+    try:
+        added = torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+    except (NotImplementedError, RuntimeError, TypeError):
+        return _Float32Product.MADE_APART
+    in_place = added.data_ptr() == total.data_ptr()
+    if in_place and total.item() == 1.5 + half_eps:
+        return _Float32Product.ADDED_IN_PLACE
+    return _Float32Product.MADE_APART
 
 
 def _autograd_function(backward, saves_outputs, extra_outputs):
