@@ -164,7 +164,8 @@ if wanted install; then
   run_stage install 120 bash -c install_wheels
 fi
 if wanted env; then
-  run_stage env 60 bash -c show_environment
+  # (No TensorFlow there: Keras imports only with another backend named.)
+  run_stage env 60 env KERAS_BACKEND=torch bash -c show_environment
 fi
 # The benchmarks alone on the machine, one after the other. A benchmark skips
 # the cases that would start within 45 s of its timeout, and prints each case
