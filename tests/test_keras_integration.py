@@ -65,6 +65,27 @@ def test_activation_names_are_unknown_before_the_import():
     )
 
 
+def test_activation_functions_round_trip_through_keras_serialization():
+    # The half of the check that importing leaves out: `serialize` imports
+    # TensorFlow.
+    for fn in (keras_softmax.stable_softmax, keras_softmax.stable_log_softmax):
+        assert keras.activations.deserialize(keras.activations.serialize(fn)) is fn
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="its backend imports it")
+def test_importing_on_jax_or_pytorch_loads_no_tensorflow():
+    # TensorFlow is installed here, as on many machines that train on
+    # another backend: loading it cost 2 s and 450 MiB at every import.
+    out = _run_fresh(
+        """
+        import sys
+        import keras_softmax
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
+        """
+    )
+    assert out.strip() == "[]"
+
+
 def test_registration_warns_loudly_if_keras_stops_reading_its_table(monkeypatch):
     from keras_softmax import _keras_internals
     from keras_softmax import registration
