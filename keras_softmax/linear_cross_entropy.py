@@ -512,7 +512,7 @@ def _weighted_sum_rule(spec):
             spec, h, w, b, t, y, weights
         )
         loss = ops.sum(_weighted(losses, weights))
-        return _with_ranks(loss, ranks), gradients + (losses,)
+        return _with_ranks(loss, ranks), _kept(gradients, w) + (losses,)
 
     def backward(inputs, saved, upstream):
         if saved:  # from forward_for_derivative
@@ -532,6 +532,21 @@ def _weighted_sum_rule(spec):
         forward_for_derivative=forward_for_derivative,
         extra_outputs=int(spec.ranked),
     )
+
+
+def _kept(gradients, w):
+    """The gradients a derivative keeps until the reverse pass scales them.
+
+    A bfloat16 kernel's gradient is kept in bfloat16, not in its float32
+    accumulator: half the memory, through the reverse pass too, and the
+    same range. (A float16 one stays float32: scaled down later, say by a
+    mean taken outside, it may need float32's range.) The scaling rounds it
+    once more, unless the upstream gradient is a power of two.
+    """
+    dh, dw, *rest = gradients
+    if keras.backend.standardize_dtype(w.dtype) == "bfloat16":
+        dw = ops.cast(dw, "bfloat16")
+    return (dh, dw, *rest)
 
 
 # Each `[C, V]` tensor of a chunk loses its last name (`del`, or rebinding)

@@ -591,43 +591,63 @@ def _tf_ops(graph):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_inputs_keep_float32_losses_and_half_gradients(dtype):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_half_inputs_keep_float32_losses_and_half_gradients(dtype, transposed):
     # Where the backend multiplies half operands into float32 (JAX, PyTorch
     # on a GPU), they are never copied to float32; elsewhere they are cast.
-    _check_half_inputs(dtype)
+    # Chunks of 7 rows: the kernel's gradient adds up 6 of them.
+    _check_half_inputs(dtype, chunk_size=7, transposed=transposed)
 
 
-def _check_half_inputs(dtype):
+def _check_half_inputs(dtype, chunk_size=None, transposed=False):
     """The losses of half inputs are those of float32 logits of the half
     values, and the gradients, in the inputs' dtype, within half rounding
-    of float64's."""
+    of float64's (of a loss scaled by 0.3, which rounds a half gradient
+    once more)."""
     labels, h, w, b = _problem(n=40, depth=16, vocabulary=90)
     half_h, half_w = (keras.ops.cast(a, dtype) for a in (h, w))
     exact = [to_numpy(keras.ops.cast(a, "float64")) for a in (half_h, half_w)]
-    losses = linear_cross_entropy(labels, half_h, half_w, reduction=None)
+    options = {"chunk_size": chunk_size, "transpose_kernel": transposed}
+    kernel = keras.ops.transpose(half_w) if transposed else half_w
+    losses = linear_cross_entropy(labels, half_h, kernel, reduction=None, **options)
     assert keras.backend.standardize_dtype(losses.dtype) == "float32"
     np.testing.assert_allclose(
         to_numpy(losses), reference_losses(labels, *exact), rtol=2e-6, atol=1e-6
     )
 
-    actual = _gradient_as_given(
-        lambda v: linear_cross_entropy(labels, half_h, v), half_w
-    )
-    assert keras.backend.standardize_dtype(actual.dtype) == dtype
-    exact_h = keras.ops.convert_to_tensor(exact[0])
-    expected = _gradient_as_given(
-        lambda v: keras.ops.mean(
+    def loss(h, w):
+        return 0.3 * keras.ops.mean(
             keras.losses.sparse_categorical_crossentropy(
-                labels, keras.ops.matmul(exact_h, v), from_logits=True
+                labels, keras.ops.matmul(h, w), from_logits=True
             )
+        )
+
+    exact_h, exact_w = (keras.ops.convert_to_tensor(a) for a in exact)
+    pairs = [
+        (
+            _gradient_as_given(
+                lambda v: 0.3 * linear_cross_entropy(labels, half_h, v, **options),
+                kernel,
+            ),
+            _gradient_as_given(lambda v: loss(exact_h, v), exact_w),
         ),
-        keras.ops.convert_to_tensor(exact[1]),
-    )
-    actual, expected = (
-        to_numpy(keras.ops.cast(g, "float64")) for g in (actual, expected)
-    )
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(actual, expected, atol=scale * 2.0**-7, rtol=0)
+        (
+            _gradient_as_given(
+                lambda v: 0.3 * linear_cross_entropy(labels, v, kernel, **options),
+                half_h,
+            ),
+            _gradient_as_given(lambda v: loss(v, exact_w), exact_h),
+        ),
+    ]
+    for actual, expected in pairs:
+        assert keras.backend.standardize_dtype(actual.dtype) == dtype
+        actual, expected = (
+            to_numpy(keras.ops.cast(g, "float64")) for g in (actual, expected)
+        )
+        if actual.shape != expected.shape:  # a transposed kernel's
+            expected = expected.T
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(actual, expected, atol=scale * 2.0**-7, rtol=0)
 
 
 def _gradient_as_given(fn, x):
@@ -737,10 +757,14 @@ def test_pytorch_asks_its_device_how_it_multiplies_half_operands_into_float32(
 
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's out_dtype products")
 @pytest.mark.parametrize("kernels", ["mm and addmm", "mm", "none"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("transposed", [False, True])
 def test_pytorch_half_loss_takes_float32_products_where_the_device_has_them(
-    emulated_float32_products, kernels
+    emulated_float32_products, kernels, dtype, transposed, monkeypatch
 ):
     import torch
+
+    from keras_softmax._backend import torch as torch_edge
 
     aten = torch.ops.aten
     mode = emulated_float32_products()
@@ -750,12 +774,40 @@ def test_pytorch_half_loss_takes_float32_products_where_the_device_has_them(
         "none": (aten.mm.dtype, aten.addmm.dtype_out),
     }[kernels]
     mode.watched_size = 16 * 90  # the kernel's, in _check_half_inputs
+    # Without `addmm`, the products are added 32 columns at a time.
+    monkeypatch.setattr(torch_edge, "_PRODUCT_BLOCK", 16 * 32)
     with mode:
-        _check_half_inputs("bfloat16")
+        _check_half_inputs(dtype, chunk_size=7, transposed=transposed)
     assert set(mode.calls) == set(kernels.split(" and ")) - {"none"}
     # The kernel is copied to float32 only where the device has no such
     # products.
     assert bool(mode.copies) == (kernels == "none"), mode.copies
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's autograd engine")
+def test_pytorch_reverse_pass_makes_no_zeros_of_the_kernels_size():
+    # The forward pass hands the kernel's gradient to the reverse pass as an
+    # output; autograd made a tensor of zeros for its unused gradient.
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    labels, h, w, _ = _problem(n=40, depth=16, vocabulary=90)
+    h, w = (torch.tensor(a, requires_grad=True) for a in (h, w))
+
+    class Made(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == w.numel():
+                self.ops.append(str(func))
+            return out
+
+    loss = linear_cross_entropy(labels, h, w)
+    with Made() as made:
+        loss.backward()
+    assert not [op for op in made.ops if "zeros" in op or "full" in op], made.ops
+    assert "aten.mul.Tensor" in made.ops  # the watch sees the scaling
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX multiplies bf16 into float32")

@@ -99,7 +99,7 @@ class TorchEdge(Edge):
         # transposed matrix is a view, which BLAS reads in place.
         a, b = a.T if transpose_a else a, b.T if transpose_b else b
         if float32 and a.dtype != torch.float32:
-            if self.half_matmul_in_float32_serves(a):
+            if _takes_float32_product(a, b):
                 return torch.mm(a, b, out_dtype=torch.float32)
             a, b = a.float(), b.float()
         return torch.matmul(a, b)
@@ -126,18 +126,23 @@ class TorchEdge(Edge):
         # product and the new sum beside the old one, three copies of a
         # large vocabulary's kernel gradient. Not under `torch.func`: a
         # vmapped operand cannot be added into `total`.
+        float32 = total.dtype == torch.float32 and a.dtype != total.dtype
         concrete = all(map(self.is_concrete, (total, a, b)))
-        if concrete and not total.requires_grad:
-            a = a.T if transpose_a else a
-            if total.dtype == a.dtype:
-                return total.addmm_(a, b)
-            added = _float32_product_of_half(a.device, a.dtype)
-            if total.dtype != torch.float32 or added is None:
-                return total.addmm_(a.to(total.dtype), b.to(total.dtype))
-            if added is _Float32Product.ADDED_IN_PLACE:
-                return torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
-            return total.add_(torch.mm(a, b, out_dtype=total.dtype))
-        return total + self.matmul(a, b, transpose_a=transpose_a)
+        if not concrete or total.requires_grad:
+            return total + self.matmul(a, b, transpose_a=transpose_a, float32=float32)
+        a = a.T if transpose_a else a
+        if not float32 or not _takes_float32_product(a, b):
+            return total.addmm_(a.to(total.dtype), b.to(total.dtype))
+        kernel = _float32_product_of_half(a.device, a.dtype)
+        if kernel is _Float32Product.ADDED_IN_PLACE:
+            return torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
+        # Added a block of columns at a time: a whole product would be one
+        # more float32 tensor of `total`'s size.
+        step = max(1, _PRODUCT_BLOCK // max(1, total.shape[0]))
+        for start in range(0, total.shape[1], step):
+            columns = slice(start, start + step)
+            total[:, columns].add_(torch.mm(a, b[:, columns], out_dtype=total.dtype))
+        return total
 
     def slice_add(self, x, starts, update):
         # Out of place through `slice_scatter`: Keras' `slice_update` assigns
@@ -203,6 +208,26 @@ class _Float32Product(enum.Enum):
     MADE_APART = "makes the product (`mm`), which is then added"
 
 
+# Elements of the float32 product that `add_matmul` makes at a time where
+# the device cannot add it in place (64 MiB).
+_PRODUCT_BLOCK = 1 << 24
+
+
+def _takes_float32_product(a, b) -> bool:
+    """Whether `a @ b` of half operands runs as one `out_dtype` product.
+
+    Not where autograd records the product (a second derivative does): the
+    overloads have no derivative, and the operands are cast instead.
+    """
+    recorded = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    return (
+        a.dtype == b.dtype
+        and not recorded
+        and EDGE.is_concrete(b)
+        and EDGE.half_matmul_in_float32_serves(a)
+    )
+
+
 @functools.cache
 def _float32_product_of_half(device, dtype) -> _Float32Product | None:
     """How `device` multiplies `dtype` operands into a float32 product, or
@@ -221,18 +246,22 @@ def _float32_product_of_half(device, dtype) -> _Float32Product | None:
     b = torch.tensor([[1.0], [half_eps]], dtype=dtype, device=device)
     try:
         product = torch.mm(a, b, out_dtype=torch.float32)
+        if product.dtype != torch.float32 or product.item() != 1.0 + half_eps:
+            return None
+    except torch.OutOfMemoryError:
+        raise  # not an answer to cache
     except (NotImplementedError, RuntimeError, TypeError):
         return None
-    if product.dtype != torch.float32 or product.item() != 1.0 + half_eps:
-        return None
-    total = torch.full((1, 1), 0.5, device=device)
+    total = torch.full((1, 1), 0.5, dtype=torch.float32, device=device)
     try:
         added = torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+        in_place = added.data_ptr() == total.data_ptr()
+        if in_place and total.item() == 1.5 + half_eps:
+            return _Float32Product.ADDED_IN_PLACE
+    except torch.OutOfMemoryError:
+        raise
     except (NotImplementedError, RuntimeError, TypeError):
-        return _Float32Product.MADE_APART
-    in_place = added.data_ptr() == total.data_ptr()
-    if in_place and total.item() == 1.5 + half_eps:
-        return _Float32Product.ADDED_IN_PLACE
+        pass
     return _Float32Product.MADE_APART
 
 
@@ -257,9 +286,14 @@ def _autograd_function(backward, saves_outputs, extra_outputs):
             kept = (output[0], *saved) if saves_outputs else saved
             ctx.save_for_backward(*inputs, *kept)
             ctx.mark_non_differentiable(*output[1:])
+            # No zeros for the outputs that carry saved tensors: autograd
+            # would otherwise make one of each, a large kernel's gradient.
+            ctx.set_materialize_grads(False)
 
         @staticmethod
         def backward(ctx, upstream, *unused):
+            if upstream is None:  # only the non-differentiable outputs were used
+                return (None,) * (1 + ctx.count)
             tensors = ctx.saved_tensors
             inputs, saved = tensors[: ctx.count], tensors[ctx.count :]
             return (None, *backward(inputs, saved, upstream))
