@@ -171,13 +171,18 @@ def _loss_and_ranks(args, ranked: bool) -> LossAndRanks:
         loss, ranks = _through_rule(args, _weighted_sum_rule, weights, ranked)
         loss = loss + ops.sum(args.poison)
     if ranks is not None:
-        ranks = ops.reshape(ranks + _rank_poison(args), args.leading_shape)
+        ranks = ops.reshape(_ranks_of_bad_labels(ranks, args), args.leading_shape)
     return LossAndRanks(loss, ranks)
 
 
-def _rank_poison(args):
-    """NaN where a label is out of range (ignored or not), else 0."""
-    return ops.where(args.in_range, 0.0, ops.cast(math.nan, args.dtype))
+def _ranks_of_bad_labels(ranks, args):
+    """`ranks` where the labels are in range. Elsewhere NaN, but `V` for an
+    ignored label (a padding id such as -1): Keras' accuracies count it a
+    miss, which its weight, 0 where the padding is masked, then removes."""
+    vocabulary = args.kernel.shape[0 if args.transposed else 1]
+    nan = ops.cast(math.nan, args.dtype)
+    bad = ops.where(args.valid, nan, ops.cast(vocabulary, args.dtype))
+    return ops.where(args.in_range, ranks, bad)
 
 
 def _reduction_weights(valid, sample_weight, reduction):
@@ -877,5 +882,5 @@ def linear_label_ranks(
         )
 
     _, (ranks,) = _backend.scan(step, (), _split(spec, hidden, labels))
-    ranks = _flat(ranks)[:n] + _rank_poison(args)
+    ranks = _ranks_of_bad_labels(_flat(ranks)[:n], args)
     return ops.reshape(ranks, args.leading_shape)

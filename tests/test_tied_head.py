@@ -156,6 +156,29 @@ def test_a_fit_step_on_padded_sequences_is_the_materialised_models_step(cap):
         )
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "masked"])
+def test_padding_labels_that_the_loss_ignores_are_misses_to_the_accuracy(weighted):
+    # Padded positions labelled -1 and ignored by the loss. Keras' accuracy
+    # on TensorFlow never matches such a label (on JAX and PyTorch it reads
+    # -1 as the last class); the head's accuracy was NaN.
+    x, y, mask = _batch()
+    y = np.where(mask > 0, y, -1)
+    layers = _Layers()
+    metrics = [layers.head.accuracy(), layers.head.top_k_accuracy(3)]
+    model = _compiled(_fused_model(layers), layers.head.loss(ignore_class=-1), metrics)
+    weights = mask if weighted else np.ones_like(mask)
+    result = model.evaluate(
+        x, y, sample_weight=weights, batch_size=BATCH, verbose=0, return_dict=True
+    )
+    logits = _float64_logits(layers, x)
+    picked = np.take_along_axis(logits, np.maximum(y, 0)[..., None], -1)
+    above = (logits > picked).sum(-1)  # no ties among these logits
+    for name, hits in (("accuracy", above < 1), ("top_k_accuracy", above < 3)):
+        hits = hits & (y >= 0)
+        expected = (weights * hits).sum() / weights.sum()
+        np.testing.assert_allclose(result[name], expected, rtol=1e-6, err_msg=name)
+
+
 def test_evaluate_never_builds_the_probabilities_and_predict_does():
     x, y, mask = _batch()
     layers = _Layers()
