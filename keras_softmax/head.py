@@ -440,6 +440,7 @@ class _HeadCrossEntropy(keras.losses.Loss):
         mask = _keras_internals.get_keras_mask(y_pred)
         if mask is None and not _on_probabilities(self.head, y_pred):
             return self._fused(y_true, y_pred, sample_weight)
+        sample_weight = _per_sequence_weight_at_each_position(sample_weight, y_pred)
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def _fused(self, y_true, y_pred, sample_weight):
@@ -534,6 +535,24 @@ class _HeadAccuracy(keras.metrics.MeanMetricWrapper):
             "A `StableSoftmaxHead`'s metric holds the head: load the model with "
             "`compile=False`, then compile it again with `head.accuracy()`."
         )
+
+
+def _per_sequence_weight_at_each_position(sample_weight, y_pred):
+    """`sample_weight`, a weight per sequence (`[batch]` for `[batch, time]`
+    positions) broadcast to each of its positions, as the fused loss reads
+    it. (Keras' reduction would align it with the last axis: with time,
+    where `batch == time`, and an error otherwise. Broadcast in full:
+    Keras 3.15 multiplies it by the mask in place, which PyTorch refuses
+    for a `[batch, 1]` weight.)"""
+    if sample_weight is None:
+        return None
+    sample_weight = ops.convert_to_tensor(sample_weight)
+    positions = ops.shape(y_pred)[:-1]
+    if len(positions) > 1 and len(sample_weight.shape) == len(positions) - 1:
+        # (A product, not `broadcast_to`: PyTorch writes into no view.)
+        ones = ops.ones(positions, sample_weight.dtype)
+        return ops.expand_dims(sample_weight, -1) * ones
+    return sample_weight
 
 
 class _Ranked(NamedTuple):

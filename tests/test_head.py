@@ -65,7 +65,7 @@ def _keras_reference(
     kernel, bias = head.get_weights()
     logits = (x @ kernel + bias) / head.temperature
     if keep is not None:
-        logits = keras.layers.Masking()(np.where(keep[:, None], logits, 0.0))
+        logits = keras.layers.Masking()(np.where(keep[..., None], logits, 0.0))
     loss = keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, ignore_class=ignore_class, reduction=reduction
     )
@@ -107,6 +107,28 @@ def test_every_keras_reduction_equals_keras_sparse_cross_entropy_on_the_logits(
         head, x, y, sample_weight, ignore_class, reduction, keep
     )
     assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("time", [4, 5], ids=["batch == time", "batch != time"])
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "none"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_a_weight_per_sequence_weighs_each_of_its_positions(time, reduction, masked):
+    # With a Keras mask, Keras reduced the losses with a `[batch]` weight
+    # aligned with time (and raised where batch != time).
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, time, DEPTH)).astype("float32")
+    y = rng.integers(0, VOCABULARY, size=(4, time))
+    weight = np.array([1.0, 0.0, 0.5, 2.0], "float32")
+    keep = (rng.random((4, time)) > 0.3) if masked else None
+    hidden = x if keep is None else keras.layers.Masking()(x * keep[..., None])
+    head = _built(StableSoftmaxHead(VOCABULARY))
+    loss = head.loss(reduction=reduction)
+    actual = to_numpy(loss(y, head(hidden, training=True), weight))
+    at_each_position = np.broadcast_to(weight[:, None], y.shape)
+    expected = _keras_reference(
+        head, x, y, at_each_position, reduction=reduction, keep=keep
+    )
     np.testing.assert_allclose(actual, expected, rtol=2e-6, atol=1e-7)
 
 
