@@ -63,6 +63,17 @@ def check_positive_integer(name: str, value, *, allow_none: bool = False):
     raise ValueError(f"`{name}` must be {rule}. Received: {name}={value!r}")
 
 
+def check_integer(name: str, value, *, allow_none: bool = False):
+    """`value` as an int (`None` where allowed), or a ValueError: not a
+    bool, a float or a string."""
+    if value is None and allow_none:
+        return None
+    if is_int(value):
+        return int(value)
+    rule = "an integer" + (" or None" if allow_none else "")
+    raise ValueError(f"`{name}` must be {rule}. Received: {name}={value!r}")
+
+
 def check_flag(name: str, value, *, allow_none: bool = False) -> bool | None:
     """`value` if it is True or False (or None where allowed), else a ValueError."""
     if isinstance(value, bool) or (allow_none and value is None):

@@ -14,6 +14,7 @@ import math
 from typing import NamedTuple
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_softmax import _arguments
@@ -241,6 +242,9 @@ def _checked_arguments(
     """The arguments checked, flattened to `[N, D]` and in the compute dtype
     (the keywords and defaults of `linear_cross_entropy`)."""
     _arguments.check_choice("reduction", reduction, REDUCTIONS)
+    ignore_class = _arguments.check_integer(
+        "ignore_class", ignore_class, allow_none=True
+    )
     hidden, kernel, dtype = _operands(inputs, kernel)
     transposed = _arguments.check_flag("transpose_kernel", transpose_kernel)
     layout = "[V, D]" if transposed else "[D, V]"
@@ -274,15 +278,7 @@ def _checked_arguments(
             f"labels.shape={tuple(labels.shape)}, inputs.shape={tuple(hidden.shape)}"
         )
     if _backend.is_concrete(labels):
-        values = _backend.read(labels).reshape(-1)
-        if ignore_class is not None:
-            values = values[values != ignore_class]
-        bad = values[(values < 0) | (values >= vocabulary)]
-        if bad.size:
-            raise ValueError(
-                f"`labels` must be class ids in [0, {vocabulary}) or "
-                f"`ignore_class`. Received: a label of {int(bad[0])}"
-            )
+        _check_label_values(_backend.read(labels).reshape(-1), vocabulary, ignore_class)
     labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
     valid = (
         ops.ones(ops.shape(labels), "bool")
@@ -324,6 +320,27 @@ def _checked_arguments(
         # Traced with an unknown batch size, the shape is read at run time.
         leading_shape=ops.shape(hidden)[:-1],
     )
+
+
+def _check_label_values(values, vocabulary, ignore_class):
+    """Raises unless every label is a whole number in `[0, vocabulary)` or
+    `ignore_class`: a float label (Keras' loss truncates 6.9 to 6) must be
+    whole, and NaN or an infinity is no class."""
+    if values.dtype.kind == "f":
+        unwhole = values[~np.isfinite(values) | (values != np.round(values))]
+        if unwhole.size:
+            raise ValueError(
+                "`labels` must be whole numbers (class ids). Received: a "
+                f"label of {unwhole[0].item()!r}"
+            )
+    if ignore_class is not None:
+        values = values[values != ignore_class]
+    bad = values[(values < 0) | (values >= vocabulary)]
+    if bad.size:
+        raise ValueError(
+            f"`labels` must be class ids in [0, {vocabulary}) or "
+            f"`ignore_class`. Received: a label of {bad[0].item()!r}"
+        )
 
 
 def _operands(inputs, kernel):

@@ -242,6 +242,14 @@ def test_traced_and_compiled_calls_give_the_eager_losses(mode):
         (dict(z_loss=-0.1), "z_loss=-0.1"),
         (dict(reduction="average"), "reduction='average'"),
         (dict(chunk_size=0), "chunk_size=0"),
+        # Keras' loss truncates a float label; NaN became class 0 on JAX.
+        (dict(labels=[0.0, 6.9]), "whole numbers.*a label of 6.9"),
+        (dict(labels=[0.0, -0.5]), "whole numbers.*a label of -0.5"),
+        (dict(labels=[0.0, np.nan]), "whole numbers.*a label of nan"),
+        (dict(labels=[0.0, np.inf]), "whole numbers.*a label of inf"),
+        (dict(ignore_class=1.5), "ignore_class=1.5"),
+        (dict(ignore_class=True), "ignore_class=True"),
+        (dict(ignore_class="pad"), "ignore_class='pad'"),
     ],
 )
 def test_bad_arguments_raise_value_errors_naming_the_value(kwargs, message):
@@ -255,6 +263,16 @@ def test_bad_arguments_raise_value_errors_naming_the_value(kwargs, message):
             arguments.pop("bias"),
             **arguments,
         )
+
+
+def test_whole_float_labels_are_the_class_ids_they_hold():
+    # As Keras' sparse cross-entropy reads them (labels from a float dataset).
+    labels, h, w, b = _problem()
+    floats = linear_cross_entropy(labels.astype("float32"), h, w, b, reduction=None)
+    np.testing.assert_array_equal(
+        to_numpy(floats),
+        to_numpy(linear_cross_entropy(labels, h, w, b, reduction=None)),
+    )
 
 
 @pytest.mark.parametrize("mode", [traced, compiled], ids=lambda m: m.__name__)
