@@ -479,6 +479,22 @@ def test_a_padding_mask_as_sample_weight_divides_by_every_position_as_keras_hub(
     )
 
 
+def test_a_mean_with_a_broadcast_weight_divides_by_the_broadcast_weights():
+    # Documented difference: Keras 3.15 divides by the weights as given, so
+    # a scalar weight turns its "mean_with_sample_weight" into a sum.
+    labels, hidden, table, _ = _sequences()
+    losses = reference_losses(labels, hidden, table.T)
+    options = dict(transpose_kernel=True, reduction="mean_with_sample_weight")
+    ours = linear_cross_entropy(labels, hidden, table, sample_weight=2.0, **options)
+    np.testing.assert_allclose(to_numpy(ours), losses.mean(), rtol=2e-6)
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight"
+    )
+    logits = np.einsum("btd,vd->btv", hidden, table)
+    theirs = keras_loss(labels, logits, sample_weight=2.0)
+    np.testing.assert_allclose(to_numpy(theirs), losses.sum(), rtol=2e-5)
+
+
 def test_a_weight_per_sequence_applies_to_each_of_its_positions():
     # Where Keras' own loss refuses `[batch]` weights for `[batch, time]`
     # labels, the weight of a sequence weights each of its positions.
