@@ -432,8 +432,13 @@ def choose_path(
     the weighted sum) and a bias in its own precision: the blocks, the
     explicit path and SDPA on a CPU compute on float32 copies. The fused
     kernels take the inputs as they are, so they are chosen for half
-    precision only where they are a GPU's (which accumulate in float32),
-    with a bias in the inputs' dtype.
+    precision only where they are a GPU's, with a bias in the inputs'
+    dtype. They accumulate in float32, but round the softmax's weights to
+    the inputs' dtype before the weighted sum (FlashAttention, cuDNN and
+    SDPA's memory-efficient kernel all do): up to `u * sum_s p_s |v_s|`
+    more, with `u` the half type's unit roundoff. A float16 call with a
+    mask or a bias takes none of them: its fill, -65504, would let a masked
+    key whose score is 65504 above the kept ones win.
 
     Args:
         query, key, value, bias, keep: The call's tensors, as `attend` has
@@ -464,18 +469,25 @@ def choose_path(
         and _backend.keras_attention_is_exact(dtype, *sizes)
     )
     flash = choice.flash_attention
-    kernel = _backend.fused_attention(device, given, *sizes)
+    masked = keep is not None or bias is not None
+    filled = given == "float16" and masked
+    kernel = None if filled else _backend.fused_attention(device, given, *sizes)
+    if kernel == "cudnn" and masked and not _even_lengths(query, key):
+        # JAX's cuDNN rule refuses a bias of odd lengths ("Unsupported
+        # sequence length") when it traces the backward pass, which under
+        # `grad(jit(f))` or a checkpoint is outside `_cudnn_attention`'s try.
+        kernel = None
     if exact and flash is not False and kernel and kernel not in refused:
         return kernel
-    # On a CPU none of Keras' kernels keeps half precision in float32
-    # (Keras 3.15): TensorFlow's computes the scores and the weighted sum in
-    # half precision, JAX's (XLA) and PyTorch's (SDPA's flash kernel) round
-    # the weights to half before the weighted sum. (`keras_flash_kernel`
-    # stands for "a GPU's or a TPU's kernels"; it is False on TensorFlow,
-    # whose Keras attention is half precision anywhere.)
-    keras_flash = _backend.keras_flash_kernel(device)
-    keras_exact = exact and (not half or keras_flash)
-    if flash and keras_exact and keras_flash and "keras_flash" not in refused:
+    # Keras' fused flash kernel is a GPU's or a TPU's (`keras_flash_kernel`;
+    # False on TensorFlow), which rounds the weights as the kernels above.
+    # None of Keras' other attention keeps half precision in float32 (Keras
+    # 3.15): TensorFlow's computes the scores and the weighted sum in half
+    # precision; JAX's (XLA, on a GPU too) and PyTorch's (SDPA) round the
+    # weights to half before the weighted sum.
+    keras_flash = _backend.keras_flash_kernel(device) and not filled
+    keras_exact = exact and not half
+    if flash and exact and keras_flash and "keras_flash" not in refused:
         return "keras_flash"
     blocks = choice.weightless and _blockwise_attention.can_run(query, key, bias, keep)
     if flash and not blocks:
@@ -498,6 +510,12 @@ def choose_path(
     if blocks and (flash or (flash is None and large)):
         return "blocks"
     return "keras_fused" if keras_exact else "explicit"
+
+
+def _even_lengths(query, key) -> bool:
+    """Whether the numbers of queries and keys are known and even."""
+    lengths = (_backend.static_shape(query)[1], _backend.static_shape(key)[1])
+    return all(n is not None and n % 2 == 0 for n in lengths)
 
 
 # The paths whose kernel takes the causal mask as a flag, `is_causal`.
@@ -551,7 +569,8 @@ def _cudnn_attention(
             is_causal=is_causal,
             implementation=implementation,
         )
-    except (RuntimeError, ValueError):  # NotImplementedError included
+    except (RuntimeError, ValueError, TypeError):  # NotImplementedError too
+        # (TypeError: JAX's batching rule for a mask under `vmap`.)
         return None
     return _zero_dead_queries(outputs, live)
 
@@ -560,22 +579,22 @@ def _sdpa_gpu_attention(query, key, value, bias, keep, scale, is_causal):
     """PyTorch's `scaled_dot_product_attention` on its fused kernels, or
     None where none of them takes the call.
 
-    Its flash, memory-efficient and cuDNN kernels, never the math one: they
-    accumulate in float32, so the inputs go as they are, and their memory
-    grows linearly in the sequence. A mask goes in as our additive mask, as
-    everywhere: SDPA on a GPU gave a query with no key kept 0.166 from a
-    bool mask.
+    Its flash, memory-efficient and (without a mask) cuDNN kernels, never
+    the math one: they accumulate in float32, so the inputs go as they
+    are, and their memory grows linearly in the sequence. A mask goes in
+    as our additive mask, as everywhere: SDPA on a GPU gave a query with
+    no key kept 0.166 from a bool mask.
     """
     import torch
     from torch.nn.attention import SDPBackend
     from torch.nn.attention import sdpa_kernel
 
     additive, live = _additive_mask(keep, bias, query.dtype)
-    fused = [
-        SDPBackend.FLASH_ATTENTION,
-        SDPBackend.EFFICIENT_ATTENTION,
-        SDPBackend.CUDNN_ATTENTION,
-    ]
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    if additive is None:
+        # Not with a mask: cuDNN's backward gives NaN query gradients with
+        # one where S % 128 == 64 (pytorch/pytorch#196678, since 2.11).
+        fused.append(SDPBackend.CUDNN_ATTENTION)
     try:
         with sdpa_kernel(fused):
             outputs = torch.nn.functional.scaled_dot_product_attention(

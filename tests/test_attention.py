@@ -28,6 +28,7 @@ from support.references import output_tolerance
 from support.references import to_numpy
 
 from keras_softmax import _backend
+from keras_softmax import attention
 from keras_softmax import dot_product_attention
 from keras_softmax.attention import BlockSizes
 
@@ -681,15 +682,17 @@ GPU_CASES = {
     "causal, more queries than keys": dict(case=_gpu_case(6, 4), is_causal=True),
     "causal, more keys than queries": dict(case=_gpu_case(4, 6), is_causal=True),
     "causal, a sequence all padding": dict(
-        case=_gpu_case(5, 5, padded=1), is_causal=True
+        case=_gpu_case(6, 6, padded=1), is_causal=True
     ),
     "a mask and a bias, causal": dict(
         case=_gpu_case(4, 6, mask=True, bias=True), is_causal=True
     ),
     "a bias, causal, temperature 2": dict(
-        case=_gpu_case(5, 5, bias=True), is_causal=True, temperature=2.0
+        case=_gpu_case(6, 6, bias=True), is_causal=True, temperature=2.0
     ),
 }
+# (Even lengths wherever there is a mask or a bias: JAX's cuDNN rule takes
+# only those, `test_cudnn_never_gets_a_mask_of_odd_lengths`.)
 
 
 def _never_a_mask_beside_the_causal_flag(monkeypatch):
@@ -777,12 +780,36 @@ def test_on_a_gpu_a_sequence_all_padding_has_gradients_of_exactly_zero(monkeypat
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's SDPA kernels")
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "a mask"])
+def test_sdpa_on_a_gpu_never_takes_cudnn_with_a_mask(monkeypatch, masked):
+    # cuDNN's backward gives NaN query gradients with a mask where
+    # S % 128 == 64 (pytorch/pytorch#196678, from PyTorch 2.11).
+    import torch
+    from torch.nn import attention as torch_attention
+
+    allowed, sdpa_kernel = [], torch_attention.sdpa_kernel
+
+    def recorded(backends):
+        allowed.extend(backends)
+        return sdpa_kernel(backends)
+
+    monkeypatch.setattr(torch_attention, "sdpa_kernel", recorded)
+    case = _gpu_case(6, 6, padded=1 if masked else None)
+    q, k, v = (torch.tensor(case[name]) for name in ("query", "key", "value"))
+    keep = torch.tensor(case["mask"]) if masked else None
+    out = attention._sdpa_gpu_attention(q, k, v, None, keep, 8**-0.5, False)
+    assert out is not None
+    cudnn = torch.nn.attention.SDPBackend.CUDNN_ATTENTION
+    assert (cudnn in allowed) == (not masked), allowed
+
+
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="no fused kernel of its own")
 def test_where_the_gpu_kernel_refuses_a_call_the_next_path_gives_the_reference(
     monkeypatch,
 ):
     taken = as_on_a_gpu(monkeypatch, refuse=True)
-    case = _gpu_case(5, 5, padded=1)
+    case = _gpu_case(6, 6, padded=1)
     actual = to_numpy(dot_product_attention(**case, is_causal=True))
     assert taken == [GPU_KERNEL, "keras_fused"]
     expected, _ = reference_attention(**case, is_causal=True)

@@ -216,13 +216,15 @@ KERAS_ONLY_GPU = {
     [(True, "keras_flash", "blocks"), (None, "keras_fused", "explicit")],
 )
 def test_a_gpu_kernel_never_rounds_a_wider_bias(flash, kernel, instead, own):
-    # On a GPU the fused kernels (the device's own and Keras') take
-    # half-precision inputs as they are, and cast the bias to their dtype:
-    # a float32 bias takes a path that keeps it. (Keras' TensorFlow
-    # attention is half precision anywhere: never taken for half inputs.)
+    # On a GPU the fused kernels (the device's own and Keras' flash kernel)
+    # take half-precision inputs as they are, and cast the bias to their
+    # dtype: a float32 bias takes a path that keeps it. (Keras' other
+    # attention rounds the weights to half precision, XLA's on a GPU too,
+    # and TensorFlow's is half precision anywhere: never taken for half
+    # inputs.)
     if own and GPU_KERNEL:
         kernel = GPU_KERNEL
-    if BACKEND == "tensorflow":
+    if BACKEND == "tensorflow" or kernel == "keras_fused":
         kernel = instead
     query = ones((1, 8, 2, 8), "bfloat16")
 

@@ -158,23 +158,23 @@ def test_the_layer_takes_the_functions_decision_on_a_gpu(monkeypatch, causal):
     # CPU, cuDNN's call on XLA; TensorFlow has no kernel of its own).
     ours, _ = _pair()
     taken = as_on_a_gpu(monkeypatch) if GPU_KERNEL else record_paths(monkeypatch)
-    x = _inputs()
-    mask = np.random.default_rng(6).random((3, 5, 5)) < 0.6
+    x = _inputs(length=6)  # even: cuDNN takes a mask of even lengths only
+    mask = np.random.default_rng(6).random((3, 6, 6)) < 0.6
     mask[0, 2] = False  # a query that keeps no key
     mask[2] = False  # a sequence of padding only
     out = to_numpy(ours(x, x, attention_mask=mask, use_causal_mask=causal))
     assert taken == [GPU_KERNEL or "keras_fused"]
-    keep = mask & np.tril(np.ones((5, 5), bool)) if causal else mask
+    keep = mask & np.tril(np.ones((6, 6), bool)) if causal else mask
     expected, _ = _projected_reference(ours, x, x, keep)
     bias = to_numpy(ours.output_dense.bias)
     np.testing.assert_array_equal(out[0, 2], bias)
-    np.testing.assert_array_equal(out[2], np.broadcast_to(bias, (5, 8)))
+    np.testing.assert_array_equal(out[2], np.broadcast_to(bias, (6, 8)))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     # Without a mask: a causal mask alone reaches the kernel as its flag.
     del taken[:]
     plain = to_numpy(ours(x, x, use_causal_mask=causal))
     assert taken == [GPU_KERNEL or "keras_fused"]
-    full = np.ones((3, 5, 5), bool)
+    full = np.ones((3, 6, 6), bool)
     expected, _ = _projected_reference(ours, x, x, np.tril(full) if causal else full)
     np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=1e-4)
 

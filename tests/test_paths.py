@@ -265,13 +265,34 @@ ON_A_GPU = {
         {"jax": "keras_fused", "torch": K, "tensorflow": "keras_fused"},
     ),
     "float64": ({"dtype": "float64"}, dict.fromkeys(ALL, "blocks")),
+    "float16": ({"dtype": "float16"}, {"jax": K, "torch": K, "tensorflow": "blocks"}),
+    "float16, key padding": (  # the fill, -65504, is not exact in a kernel
+        {"dtype": "float16", "mask": np.ones((1, 1, 1, 2048), bool)},
+        dict.fromkeys(ALL, "blocks"),
+    ),
+    "short, a mask of even lengths": (
+        {"shape": SHORT, "mask": np.ones((1, 1, 8, 8), bool)},
+        {"jax": K, "torch": K, "tensorflow": "explicit"},
+    ),
+    "short, a mask of odd lengths": (  # which JAX's cuDNN rule refuses
+        {"shape": (1, 7, 2, 8), "mask": np.ones((1, 1, 7, 7), bool)},
+        {"jax": "explicit", "torch": K, "tensorflow": "explicit"},
+    ),
+    "short, head size 12": (  # Keras' XLA attention rounds half weights
+        {"shape": (1, 8, 2, 12)},
+        {"jax": "explicit", "torch": K, "tensorflow": "explicit"},
+    ),
     "head size 12": (  # cuDNN's are multiples of 8
         {"shape": (1, 2048, 4, 12)},
         {"jax": "blocks", "torch": K, "tensorflow": "blocks"},
     ),
-    "flash_attention=False": (
+    "flash_attention=False": (  # Keras' other attention rounds half weights
         {"flash": False},
-        {"jax": "keras_fused", "torch": "keras_fused", "tensorflow": "explicit"},
+        dict.fromkeys(ALL, "explicit"),
+    ),
+    "flash_attention=False, float32": (
+        {"flash": False, "dtype": "float32"},
+        {"jax": "keras_fused", "torch": "keras_fused", "tensorflow": "keras_fused"},
     ),
     "flash_attention=True": (
         {"flash": True},
