@@ -8,6 +8,8 @@ float32 by NumPy (the inputs cast, every step in float32), plus the
 rounding of the output to the inputs' dtype.
 """
 
+from unittest import mock
+
 import keras
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from support.backends import BACKEND
 from support.backends import PLATFORM
 from support.paths import GPU
 from support.paths import GPU_KERNEL
+from support.paths import as_on_a_gpu
 from support.paths import describe
 from support.paths import ones
 from support.paths import record_paths
@@ -108,27 +111,45 @@ def _attend(route, tensors, bias, mask, lengths):
     return to_numpy(keras.ops.cast(outputs, "float32")).astype(np.float64)
 
 
-def _allowed(dtype, exact, **case):
-    """Twice float32's largest error, plus the output's rounding to `dtype`.
+# The fused kernels of a GPU, which round the softmax's weights to the
+# inputs' dtype before the weighted sum (docs/api/attention.md).
+GPU_KERNELS = ("cudnn", "sdpa_gpu", "keras_flash")
+
+
+def _allowed(dtype, exact, rounded_weights=False, **case):
+    """Twice float32's largest error, plus the output's rounding to `dtype`;
+    with `rounded_weights`, plus `u * sum_s p_s |v_s|`.
 
     Ours in float32 within `e` of float64 (twice NumPy's error in float32),
     then rounded to `dtype`, is within `e + u (|expected| + e)`.
     """
-    expected, _ = reference_attention(*exact, **case)
+    expected, weights = reference_attention(*exact, **case)
     float32_error = np.abs(_float32_attention(*exact, **case) - expected).max()
     error = 2 * float32_error
+    if rounded_weights:
+        spread = np.einsum("bnts,bsnh->btnh", weights, np.abs(exact[2]))
+        error = error + UNIT_ROUNDOFF[dtype] * spread
     rounding = UNIT_ROUNDOFF[dtype] * (np.abs(expected) + error)
     return expected, error + rounding + SUBNORMAL_ROUNDOFF[dtype]
 
 
 def _check(route, dtype, inputs, bias=None, mask=None):
-    """Ours within twice float32's error plus the output's rounding."""
+    """Ours within twice float32's error plus the output's rounding (and
+    the weights' rounding, on a GPU's fused kernel)."""
     exact, tensors = zip(*(_half(x, dtype) for x in inputs), strict=True)
     temperature = 0.5 if route == "tempered" else 1.0
     case = dict(bias=bias, mask=mask, temperature=temperature)
-    expected, allowed = _allowed(dtype, exact, **case)
     lengths = (inputs[0].shape[1], inputs[1].shape[1])
-    actual = _attend(route, tensors, bias, mask, lengths)
+    taken, choose = [], attention.choose_path
+
+    def recorded(*args, **kwargs):
+        taken.append(choose(*args, **kwargs))
+        return taken[-1]
+
+    with mock.patch.object(attention, "choose_path", recorded):
+        actual = _attend(route, tensors, bias, mask, lengths)
+    rounded = any(path in GPU_KERNELS for path in taken)
+    expected, allowed = _allowed(dtype, exact, rounded_weights=rounded, **case)
     error = np.abs(actual - expected)
     worst = np.unravel_index(np.argmax(error / allowed), error.shape)
     assert np.all(error <= allowed), (
@@ -186,6 +207,18 @@ def test_scores_and_the_weighted_sum_are_computed_in_float32(monkeypatch, dtype,
         # Eager, without a bias: SDPA, on a CPU on float32 copies, on a GPU
         # its fused kernels, which accumulate in float32.
         assert seen == ["sdpa" if PLATFORM == "cpu" else "sdpa_gpu"]
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="SDPA's kernels run on a CPU")
+@pytest.mark.parametrize("dtype", HALF)
+def test_a_gpu_kernel_is_within_the_weights_rounding(monkeypatch, dtype):
+    # As on a GPU: SDPA, which rounds the weights to half precision before
+    # the weighted sum (here its CPU kernel, standing in for the GPU's).
+    taken = as_on_a_gpu(monkeypatch)
+    rng = np.random.default_rng(2)
+    inputs = [rng.normal(size=(1, length, 1, 16)) for length in (8, 16, 16)]
+    _check("chosen", dtype, inputs)
+    assert taken == ["sdpa_gpu"]
 
 
 @pytest.mark.parametrize("dtype", HALF)
