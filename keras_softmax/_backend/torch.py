@@ -133,8 +133,8 @@ class TorchEdge(Edge):
         a = a.T if transpose_a else a
         if not float32 or not _takes_float32_product(a, b):
             return total.addmm_(a.to(total.dtype), b.to(total.dtype))
-        kernel = _float32_product_of_half(a.device, a.dtype)
-        if kernel is _Float32Product.ADDED_IN_PLACE:
+        product = _float32_product_of_half(a.device, a.dtype)
+        if product is _Float32Product.ADDED_IN_PLACE:
             return torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
         # Added a block of columns at a time: a whole product would be one
         # more float32 tensor of `total`'s size.
