@@ -55,22 +55,21 @@ def _range_rule(minimum, maximum, open_minimum):
 
 def check_positive_integer(name: str, value, *, allow_none: bool = False):
     """`value` as a positive int (`None` where allowed), or a ValueError."""
-    if value is None and allow_none:
-        return None
-    if is_int(value) and value > 0:
-        return int(value)
-    rule = "a positive integer" + (" or None" if allow_none else "")
-    raise ValueError(f"`{name}` must be {rule}. Received: {name}={value!r}")
+    return check_integer(name, value, allow_none=allow_none, positive=True)
 
 
-def check_integer(name: str, value, *, allow_none: bool = False):
-    """`value` as an int (`None` where allowed), or a ValueError: not a
-    bool, a float or a string."""
+def check_integer(
+    name: str, value, *, allow_none: bool = False, positive: bool = False
+):
+    """`value` as an int, positive where asked (`None` where allowed), or a
+    ValueError: not a bool, a float or a string."""
     if value is None and allow_none:
         return None
-    if is_int(value):
+    if is_int(value) and (value > 0 or not positive):
         return int(value)
-    rule = "an integer" + (" or None" if allow_none else "")
+    rule = ("a positive integer" if positive else "an integer") + (
+        " or None" if allow_none else ""
+    )
     raise ValueError(f"`{name}` must be {rule}. Received: {name}={value!r}")
 
 
