@@ -8,8 +8,6 @@ float32 by NumPy (the inputs cast, every step in float32), plus the
 rounding of the output to the inputs' dtype.
 """
 
-from unittest import mock
-
 import keras
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from support.paths import GPU_KERNEL
 from support.paths import as_on_a_gpu
 from support.paths import describe
 from support.paths import ones
+from support.paths import paths_taken
 from support.paths import record_paths
 from support.references import attention as reference_attention
 from support.references import to_numpy
@@ -140,13 +139,7 @@ def _check(route, dtype, inputs, bias=None, mask=None):
     temperature = 0.5 if route == "tempered" else 1.0
     case = dict(bias=bias, mask=mask, temperature=temperature)
     lengths = (inputs[0].shape[1], inputs[1].shape[1])
-    taken, choose = [], attention.choose_path
-
-    def recorded(*args, **kwargs):
-        taken.append(choose(*args, **kwargs))
-        return taken[-1]
-
-    with mock.patch.object(attention, "choose_path", recorded):
+    with paths_taken() as taken:
         actual = _attend(route, tensors, bias, mask, lengths)
     rounded = any(path in GPU_KERNELS for path in taken)
     expected, allowed = _allowed(dtype, exact, rounded_weights=rounded, **case)

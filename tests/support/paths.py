@@ -7,6 +7,7 @@ GPU's path itself as far as it can (`as_on_a_gpu`).
 
 import contextlib
 import functools
+from unittest import mock
 
 import keras
 import numpy as np
@@ -59,16 +60,30 @@ def ones(shape, dtype="float32"):
     return keras.ops.cast(keras.ops.convert_to_tensor(np.ones(shape, "float32")), dtype)
 
 
-def record_paths(monkeypatch):
-    """A list that each path `attend` chooses is appended to, in order."""
-    seen, choose = [], attention.choose_path
+def _recording(seen):
+    """`choose_path`, appending each path it chooses to `seen`."""
+    choose = attention.choose_path
 
     def recorded(*args, **kwargs):
         seen.append(choose(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(attention, "choose_path", recorded)
+    return recorded
+
+
+def record_paths(monkeypatch):
+    """A list that each path `attend` chooses is appended to, in order."""
+    seen = []
+    monkeypatch.setattr(attention, "choose_path", _recording(seen))
     return seen
+
+
+@contextlib.contextmanager
+def paths_taken():
+    """`record_paths` for a `with` block, where no fixture reaches."""
+    seen = []
+    with mock.patch.object(attention, "choose_path", _recording(seen)):
+        yield seen
 
 
 def as_on_a_gpu(monkeypatch, refuse=False):
