@@ -32,6 +32,21 @@ def extra_peak_mib(step: Callable[[], object], sync: Callable[[object], object])
     return peak_rss_mib() - before
 
 
+def torch_extra_peak_mib(step: Callable[[], object], sync: Callable[[object], object]):
+    """`extra_peak_mib` of a PyTorch step: on a CUDA device, the extra peak
+    of allocated device memory (`max_memory_allocated`); elsewhere, RSS."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return extra_peak_mib(step, sync)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    sync(step())
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as clear:

@@ -240,7 +240,6 @@ class _Torch:
 
     def prepare(self, attention, q, k, v):
         """`(call, sync, memory MiB, outputs, gradients)` of one step."""
-        t = self.torch
 
         def call():
             for x in (q, k, v):
@@ -252,20 +251,11 @@ class _Torch:
         for x in (q, k, v):
             x.grad = None
         gc.collect()
-        if self.cuda:
-            self._sync()
-            before = t.cuda.memory_allocated()
-            t.cuda.reset_peak_memory_stats()
-            first = call()
-            self._sync()
-            memory = (t.cuda.max_memory_allocated() - before) / 2**20
-        else:
-            from _memory import extra_peak_mib
+        from _memory import torch_extra_peak_mib
 
-            results = []
-            memory = extra_peak_mib(lambda: results.append(call()), self._sync)
-            first = results[0]
-        out, grads = first
+        results = []
+        memory = torch_extra_peak_mib(lambda: results.append(call()), self._sync)
+        out, grads = results[0]
         return call, self._sync, memory, out, grads
 
     def finite(self, x) -> bool:

@@ -30,6 +30,7 @@ on PyTorch.
 import argparse
 import os
 
+from _memory import torch_extra_peak_mib
 from _timing import step_report
 from _timing import step_timings
 
@@ -123,21 +124,6 @@ def _torch_steps(tokens, depth, vocabulary):
     return {name: (step_of(loss), sync) for name, loss in losses.items()}, device
 
 
-def _torch_peak_mib(step, sync, device) -> float:
-    """The extra peak memory of one step: allocated on a GPU, RSS on a CPU."""
-    import torch
-
-    if device != "cuda":
-        from _memory import extra_peak_mib
-
-        return extra_peak_mib(step, sync)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    sync(step())
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 def _run_torch(args):
     import torch
 
@@ -145,7 +131,7 @@ def _run_torch(args):
     memory = {}
     for name, (step, sync) in steps.items():
         sync(step())  # warm up: kernels, the device's product check
-        memory[name] = _torch_peak_mib(step, sync, device)
+        memory[name] = torch_extra_peak_mib(step, sync)
     timings = step_timings(steps, args.rounds)
     print(
         f"torch {torch.__version__} on {device}: N = {args.tokens}, D = "
