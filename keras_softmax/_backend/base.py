@@ -208,11 +208,13 @@ class Edge:
         """`fn`, or a version that runs large eager inputs as a graph."""
         return fn
 
-    def scan(self, step, carry, xs):
+    def scan(self, step, carry, xs, *, steps_at_once: int = 1):
         """`keras.ops.scan`, whose outputs may differ from the carry in shape.
 
         `step(carry, x)` returns `(carry, y)`; `xs` and `y` are tuples of
-        tensors. A Python loop here: one step's tensors live at a time.
+        tensors. `steps_at_once`: how many steps a graph may run side by
+        side, each with its own temporaries. A Python loop here: one step's
+        tensors live at a time.
         """
         ys = []
         for i in range(int(xs[0].shape[0])):
