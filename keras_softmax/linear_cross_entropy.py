@@ -765,11 +765,8 @@ def _scan_losses_and_gradients(spec, h, w, b, t, y, weights):
         ops.zeros_like(b),
         ops.zeros((), b.dtype),
     )
-    # Two steps side by side: one's passes over its logits run while the
-    # other multiplies (TensorFlow on 2 CPU cores: 0.95x the time, one more
-    # chunk's temporaries).
     (dw, db, dt), (losses, dh, *ranks) = _backend.scan(
-        step, init, _split(spec, h, y, weights), steps_at_once=2
+        step, init, _split(spec, h, y, weights)
     )
     gradients = (ops.reshape(dh, ops.shape(h)), dw, db, dt)
     return _flat(losses), _flat(*ranks), gradients

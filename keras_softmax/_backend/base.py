@@ -208,13 +208,11 @@ class Edge:
         """`fn`, or a version that runs large eager inputs as a graph."""
         return fn
 
-    def scan(self, step, carry, xs, *, steps_at_once: int = 1):
+    def scan(self, step, carry, xs):
         """`keras.ops.scan`, whose outputs may differ from the carry in shape.
 
         `step(carry, x)` returns `(carry, y)`; `xs` and `y` are tuples of
-        tensors. `steps_at_once`: how many steps a graph may run side by
-        side, each with its own temporaries. A Python loop here: one step's
-        tensors live at a time.
+        tensors. A Python loop here: one step's tensors live at a time.
         """
         ys = []
         for i in range(int(xs[0].shape[0])):

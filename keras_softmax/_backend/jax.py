@@ -70,9 +70,8 @@ class JaxEdge(Edge):
             jax.numpy.ones_like(exponent, dtype), exponent.astype("int32")
         )
 
-    def scan(self, step, carry, xs, *, steps_at_once=1):
-        # `lax.scan`: Keras' shapes its outputs like its carry. (XLA
-        # schedules the steps itself.)
+    def scan(self, step, carry, xs):
+        # `lax.scan`: Keras' shapes its outputs like its carry.
         return jax.lax.scan(step, carry, xs)
 
     def custom_vjp(

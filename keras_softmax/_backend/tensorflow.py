@@ -53,12 +53,6 @@ class TensorFlowEdge(Edge):
             a, b = tf.cast(a, tf.float32), tf.cast(b, tf.float32)
         return tf.linalg.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
-    def add_matmul(self, total, a, b, *, transpose_a=False):
-        # The product waits for the running total: where loop steps run side
-        # by side, two `[D, V]` products would otherwise be alive at once.
-        with tf.control_dependencies([total]):
-            return super().add_matmul(total, a, b, transpose_a=transpose_a)
-
     def add_at_columns(self, x, columns, values):
         # A scatter, which updates `x` in place when nothing else reads it:
         # without XLA, the base's `where` is three passes over `x` (13 ms
@@ -113,7 +107,7 @@ class TensorFlowEdge(Edge):
         run.graphs = graphs  # for a look at what was traced
         return run
 
-    def scan(self, step, carry, xs, *, steps_at_once=1):
+    def scan(self, step, carry, xs):
         # Keras' TensorFlow scan shapes its outputs like its carry, so a
         # traced scan is a `tf.while_loop` over TensorArrays here.
         if tf.executing_eagerly():
@@ -133,13 +127,10 @@ class TensorFlowEdge(Edge):
             written = [o.write(i, v) for o, v in zip(outputs, y, strict=True)]
             return i + 1, carry, written
 
-        # TensorFlow would otherwise run ten steps side by side, each with
-        # its own temporaries.
+        # One step at a time: TensorFlow would otherwise run ten side by
+        # side, each with its own temporaries.
         _, carry, outputs = tf.while_loop(
-            lambda i, *_: i < length,
-            body,
-            (0, carry, outputs),
-            parallel_iterations=steps_at_once,
+            lambda i, *_: i < length, body, (0, carry, outputs), parallel_iterations=1
         )
         return carry, tuple(o.stack() for o in outputs)
 
