@@ -136,6 +136,17 @@ try:
           torch.cuda.get_device_name() if torch.cuda.is_available() else "")
 except Exception as error:
     print("torch: failed:", error)
+try:  # the large-vocabulary loss's choices on this device (KERAS_BACKEND=torch)
+    from keras_softmax._backend import torch as torch_edge
+    from keras_softmax.linear_cross_entropy import _chunk
+    cuda = torch.device("cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        print(f"float32 product of {dtype}:",
+              torch_edge._float32_product_of_half(cuda, dtype))
+    print("loss chunk rows at V = 131072:",
+          _chunk(None, 131072, torch.zeros(8, 8, device=cuda)))
+except Exception as error:
+    print("loss choices: failed:", type(error).__name__, error)
 EOF
 }
 

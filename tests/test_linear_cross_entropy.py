@@ -17,8 +17,10 @@ from support.backends import compiled
 from support.backends import gradient
 from support.backends import traced
 from support.fresh_process import check_python
+from support.paths import GPU
 from support.references import to_numpy
 
+from keras_softmax import _backend
 from keras_softmax import linear_cross_entropy
 
 
@@ -385,6 +387,18 @@ def test_chunks_hold_64_mib_of_logits_32_for_jax_on_a_cpu_or_the_rows_asked():
         hidden = np.zeros((positions // 4, 4, 8), "float32")
         assert _chunk(None, vocabulary, hidden) == default
     assert _chunk(100, vocabulary, hidden) == 100
+
+
+def test_a_gpu_takes_chunks_of_2048_rows_at_least(monkeypatch):
+    from keras_softmax.linear_cross_entropy import _chunk
+
+    # Fewer rows spend longer rewriting the kernel's float32 gradient, once a
+    # chunk, than multiplying (keras_softmax/_backend/base.py).
+    monkeypatch.setattr(_backend.edge(), "attention_device", lambda tensors: GPU)
+    hidden = keras.ops.zeros((4096, 8))
+    assert _chunk(None, 131072, hidden) == 2048
+    assert _chunk(None, 1024, hidden) == 16384  # 64 MiB of logits hold more
+    assert _chunk(100, 131072, hidden) == 100
 
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", None])
