@@ -20,6 +20,7 @@ repository root:
     python benchmarks/bench_half_cross_entropy.py --tokens 8192 --depth 4096 \
         --vocabulary 131072
     python benchmarks/bench_half_cross_entropy.py --backend torch
+    python benchmarks/bench_half_cross_entropy.py --chunk-size 1024  # not the default
 
 The issue's CPU target: at N = 2048, D = 512, V = 32768, at most 0.25x the
 naive step's temporaries (JAX); on a GPU (D = 4096, V = 131072, N = 8192
@@ -45,7 +46,7 @@ NAIVE_TORCH, TORCH_CHUNKED = (
 )
 
 
-def _steps(tokens, depth, vocabulary):
+def _steps(tokens, depth, vocabulary, chunk_size=None):
     """`{name: jitted step}` and the arguments they take."""
     import jax
     import jax.numpy as jnp
@@ -65,10 +66,10 @@ def _steps(tokens, depth, vocabulary):
         return jnp.mean(jax.nn.logsumexp(logits, -1) - picked)
 
     losses = {
-        FUSED: lambda h, w: linear_cross_entropy(y, h, w),
+        FUSED: lambda h, w: linear_cross_entropy(y, h, w, chunk_size=chunk_size),
         NAIVE: naive,
         CAST: lambda h, w: linear_cross_entropy(
-            y, h.astype("float32"), w.astype("float32")
+            y, h.astype("float32"), w.astype("float32"), chunk_size=chunk_size
         ),
     }
     steps = {
@@ -78,7 +79,7 @@ def _steps(tokens, depth, vocabulary):
     return steps, (h, w)
 
 
-def _torch_steps(tokens, depth, vocabulary):
+def _torch_steps(tokens, depth, vocabulary, chunk_size=None):
     """`{name: (step, sync)}` of eager PyTorch steps, and the device."""
     import torch
     import torch.nn.functional as F
@@ -98,12 +99,14 @@ def _torch_steps(tokens, depth, vocabulary):
     w_t = w.detach().t().contiguous().requires_grad_()
     y = torch.randint(0, vocabulary, (tokens,), generator=generator, device=device)
     losses = {
-        FUSED: lambda: linear_cross_entropy(y, h, w),
+        FUSED: lambda: linear_cross_entropy(y, h, w, chunk_size=chunk_size),
         NAIVE_TORCH: lambda: F.cross_entropy(F.linear(h, w_t).float(), y),
         TORCH_CHUNKED: lambda: F.linear_cross_entropy(
             h, w_t, y, options=torch.nn.LinearCrossEntropyOptions()
         ),
-        CAST: lambda: linear_cross_entropy(y, h.float(), w.float()),
+        CAST: lambda: linear_cross_entropy(
+            y, h.float(), w.float(), chunk_size=chunk_size
+        ),
     }
 
     def sync(value):
@@ -127,7 +130,9 @@ def _torch_steps(tokens, depth, vocabulary):
 def _run_torch(args):
     import torch
 
-    steps, device = _torch_steps(args.tokens, args.depth, args.vocabulary)
+    steps, device = _torch_steps(
+        args.tokens, args.depth, args.vocabulary, args.chunk_size
+    )
     memory = {}
     for name, (step, sync) in steps.items():
         sync(step())  # warm up: kernels, the device's product check
@@ -135,11 +140,15 @@ def _run_torch(args):
     timings = step_timings(steps, args.rounds)
     print(
         f"torch {torch.__version__} on {device}: N = {args.tokens}, D = "
-        f"{args.depth}, V = {args.vocabulary}, bfloat16 (memory: extra peak "
-        f"{'allocated' if device == 'cuda' else 'RSS'}, MiB)"
+        f"{args.depth}, V = {args.vocabulary}, bfloat16{_chunk_note(args)} "
+        f"(memory: extra peak {'allocated' if device == 'cuda' else 'RSS'}, MiB)"
     )
     for line in step_report(list(steps), timings, memory):
         print(line)
+
+
+def _chunk_note(args) -> str:
+    return f", chunk_size = {args.chunk_size}" if args.chunk_size else ""
 
 
 def main(argv=None):
@@ -149,6 +158,9 @@ def main(argv=None):
     parser.add_argument("--vocabulary", type=int, default=32768)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
     parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
+    parser.add_argument(
+        "--chunk-size", type=int, help="linear_cross_entropy's (default: its own)"
+    )
     args = parser.parse_args(argv)
     os.environ["KERAS_BACKEND"] = args.backend
     if args.backend == "torch":
@@ -156,7 +168,7 @@ def main(argv=None):
         return
     import jax
 
-    steps, arguments = _steps(args.tokens, args.depth, args.vocabulary)
+    steps, arguments = _steps(args.tokens, args.depth, args.vocabulary, args.chunk_size)
     memory = {}
     for name, step in steps.items():
         compiled = step.lower(*arguments).compile()
@@ -168,8 +180,8 @@ def main(argv=None):
     timings = step_timings(timed, args.rounds)
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform}: N = {args.tokens}, "
-        f"D = {args.depth}, V = {args.vocabulary}, bfloat16 (memory: compiled "
-        "temporaries, MiB)"
+        f"D = {args.depth}, V = {args.vocabulary}, bfloat16{_chunk_note(args)} "
+        "(memory: compiled temporaries, MiB)"
     )
     for line in step_report(list(steps), timings, memory):
         print(line)
