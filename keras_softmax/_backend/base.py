@@ -171,12 +171,18 @@ class Edge:
             a, b = keras.ops.cast(a, "float32"), keras.ops.cast(b, "float32")
         return keras.ops.matmul(a, b)
 
+    def chunk_elements(self, device: AttentionDevice) -> int:
+        """How many logits a chunk of the large-vocabulary loss holds at
+        once on `device` (64 MiB in float32), before `chunk_rows`' floor."""
+        return 1 << 24
+
     def chunk_rows(self, tensor, vocabulary: int) -> int:
         """Rows per chunk of the large-vocabulary loss, for inputs like
-        `tensor`: as many as 64 MiB of float32 logits hold, and on a GPU at
+        `tensor`: as many as `chunk_elements` logits hold, and on a GPU at
         least `GPU_CHUNK_ROWS`."""
-        rows = max(1, (1 << 24) // max(int(vocabulary), 1))
-        if self.attention_device([tensor]).platform == "gpu":
+        device = self.attention_device([tensor])
+        rows = max(1, self.chunk_elements(device) // max(int(vocabulary), 1))
+        if device.platform == "gpu":
             rows = max(rows, GPU_CHUNK_ROWS)
         return rows
 
