@@ -652,6 +652,56 @@ def test_half_inputs_keep_float32_losses_and_half_gradients(dtype, transposed):
     _check_half_inputs(dtype, chunk_size=7, transposed=transposed)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_kernels_gradient_added_a_block_of_classes_at_a_time_is_the_same(
+    transposed, monkeypatch
+):
+    # Where a backend adds the products a block at a time (JAX always, PyTorch
+    # where its device has no `addmm` into float32), they add up to the whole.
+    labels, h, w, _ = _problem(n=40, depth=16, vocabulary=90)
+    kernel = w.T if transposed else w
+    options = {"chunk_size": 7, "transpose_kernel": transposed}
+
+    def kernel_gradient():
+        return to_numpy(
+            gradient(lambda v: linear_cross_entropy(labels, h, v, **options), kernel)
+        )
+
+    whole = kernel_gradient()
+    # Blocks of 32 of the 90 classes, the last of 26.
+    _products_of(monkeypatch, 16 * 32)
+    np.testing.assert_allclose(kernel_gradient(), whole, rtol=1e-6, atol=1e-7)
+    _check_half_inputs("bfloat16", chunk_size=7, transposed=transposed)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="XLA's buffers")
+def test_jax_holds_one_float32_tensor_of_the_kernels_size_not_two(monkeypatch):
+    # XLA makes a whole product before adding it to the kernel's gradient:
+    # on a CPU, a second float32 tensor of its size (2 GiB at D = 4096,
+    # V = 131072), but for the blocks of classes.
+    import jax
+
+    labels, h, w, _ = _problem(n=64, depth=256, vocabulary=4096)
+    h, w = (jax.numpy.asarray(a, "bfloat16") for a in (h, w))
+    accumulator = 4 * w.size  # the one float32 tensor of its size
+
+    def temporaries():
+        loss = lambda h, w: linear_cross_entropy(labels, h, w, chunk_size=8)  # noqa: E731
+        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return step.lower(h, w).compile().memory_analysis().temp_size_in_bytes
+
+    _products_of(monkeypatch, 1 << 14)
+    assert temporaries() < 1.25 * accumulator
+    _products_of(monkeypatch, w.size)  # one block: the whole product
+    assert temporaries() > 1.9 * accumulator
+
+
+def _products_of(monkeypatch, elements):
+    """Makes the running edge add products `elements` at a time where it
+    cannot add them whole in place (its chunks too, where no size is asked)."""
+    monkeypatch.setattr(_backend.edge(), "chunk_elements", lambda device: elements)
+
+
 def _check_half_inputs(dtype, chunk_size=None, transposed=False):
     """The losses of half inputs are those of float32 logits of the half
     values, and the gradients, in the inputs' dtype, within half rounding
@@ -817,8 +867,6 @@ def test_pytorch_half_loss_takes_float32_products_where_the_device_has_them(
 ):
     import torch
 
-    from keras_softmax._backend import torch as torch_edge
-
     aten = torch.ops.aten
     mode = emulated_float32_products()
     mode.failing = {
@@ -827,8 +875,8 @@ def test_pytorch_half_loss_takes_float32_products_where_the_device_has_them(
         "none": (aten.mm.dtype, aten.addmm.dtype_out),
     }[kernels]
     mode.watched_size = 16 * 90  # the kernel's, in _check_half_inputs
-    # Without `addmm`, the products are added 32 columns at a time.
-    monkeypatch.setattr(torch_edge, "_PRODUCT_BLOCK", 16 * 32)
+    # Without `addmm`, the products are added 32 classes at a time.
+    _products_of(monkeypatch, 16 * 32)
     with mode:
         _check_half_inputs(dtype, chunk_size=7, transposed=transposed)
     assert set(mode.calls) == set(kernels.split(" and ")) - {"none"}

@@ -57,6 +57,24 @@ SURFACE = (
 )
 
 
+class ProductBlocks(NamedTuple):
+    """How `add_matmul` cuts a product it cannot add whole in place."""
+
+    axis: int  # the total's axis cut: its longer one, the vocabulary's
+    size: int  # the length of a block along `axis` (the last may be shorter)
+
+
+def product_blocks(shape, elements: int) -> ProductBlocks:
+    """Blocks of the longer axis (the vocabulary's) of a `[rows, columns]`
+    total, each of `elements` at most (one block where that holds it all).
+
+    Each block reads its own slice of the operand with the vocabulary's
+    axis, and all of the other, small one.
+    """
+    axis = 1 if shape[1] >= shape[0] else 0
+    return ProductBlocks(axis, max(1, elements // max(1, shape[1 - axis])))
+
+
 class AttentionDevice(NamedTuple):
     """The device an attention call runs on, as its choice of path sees it.
 
@@ -173,7 +191,9 @@ class Edge:
 
     def chunk_elements(self, device: AttentionDevice) -> int:
         """How many logits a chunk of the large-vocabulary loss holds at
-        once on `device` (64 MiB in float32), before `chunk_rows`' floor."""
+        once on `device` (64 MiB in float32), before `chunk_rows`' floor;
+        and how large a block of the kernel's gradient `add_matmul` makes
+        where it cannot add a whole product in place."""
         return 1 << 24
 
     def chunk_rows(self, tensor, vocabulary: int) -> int:

@@ -11,6 +11,7 @@ import torch
 from keras_softmax import _keras_internals
 from keras_softmax._backend.base import AttentionDevice
 from keras_softmax._backend.base import Edge
+from keras_softmax._backend.base import product_blocks
 
 # What SDPA's fused kernels take on a GPU (PyTorch 2.13).
 _SDPA_GPU_DTYPES = ("float16", "bfloat16", "float32")
@@ -136,12 +137,16 @@ class TorchEdge(Edge):
         product = _float32_product_of_half(a.device, a.dtype)
         if product is _Float32Product.ADDED_IN_PLACE:
             return torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
-        # Added a block of columns at a time: a whole product would be one
-        # more float32 tensor of `total`'s size.
-        step = max(1, _PRODUCT_BLOCK // max(1, total.shape[0]))
-        for start in range(0, total.shape[1], step):
-            columns = slice(start, start + step)
-            total[:, columns].add_(torch.mm(a, b[:, columns], out_dtype=total.dtype))
+        # Added a block of the vocabulary at a time: a whole product would
+        # be one more float32 tensor of `total`'s size.
+        device = self.attention_device([total])
+        blocks = product_blocks(total.shape, self.chunk_elements(device))
+        for start in range(0, total.shape[blocks.axis], blocks.size):
+            part = slice(start, start + blocks.size)
+            if blocks.axis == 1:
+                total[:, part].add_(torch.mm(a, b[:, part], out_dtype=total.dtype))
+            else:
+                total[part].add_(torch.mm(a[part], b, out_dtype=total.dtype))
         return total
 
     def slice_add(self, x, starts, update):
@@ -206,11 +211,6 @@ class _Float32Product(enum.Enum):
 
     ADDED_IN_PLACE = "adds the product into a float32 total in place (`addmm`)"
     MADE_APART = "makes the product (`mm`), which is then added"
-
-
-# Elements of the float32 product that `add_matmul` makes at a time where
-# the device cannot add it in place (64 MiB).
-_PRODUCT_BLOCK = 1 << 24
 
 
 def _takes_float32_product(a, b) -> bool:
