@@ -406,6 +406,42 @@ def test_a_gpu_takes_chunks_of_2048_rows_at_least(monkeypatch):
     assert _chunk(100, 131072, hidden) == 100
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's placement")
+def test_a_traced_tensorflow_loss_takes_the_chunks_of_the_device_it_runs_on(
+    monkeypatch,
+):
+    # A traced tensor names no device outside `tf.device` (""): TensorFlow
+    # runs its ops on a GPU where it sees one, as in `fit`.
+    import tensorflow as tf
+
+    from keras_softmax.linear_cross_entropy import _chunk
+
+    def rows_chosen():
+        rows = []
+
+        @tf.function
+        def trace(hidden):
+            rows.append(_chunk(None, 131072, hidden))
+            with tf.device("/CPU:0"):
+                rows.append(_chunk(None, 131072, tf.identity(hidden)))
+            return hidden
+
+        trace(tf.zeros((8, 8)))
+        with tf.device("/CPU:0"):
+            rows.append(_chunk(None, 131072, tf.zeros((8, 8))))
+        return rows
+
+    here = 2048 if tf.config.list_logical_devices("GPU") else 128
+    assert rows_chosen() == [here, 128, 128]
+    gpus = [tf.config.LogicalDevice("/device:GPU:0", "GPU")]
+    monkeypatch.setattr(
+        tf.config,
+        "list_logical_devices",
+        lambda kind=None: gpus if kind == "GPU" else [],
+    )
+    assert rows_chosen() == [2048, 128, 128]
+
+
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", None])
 def test_an_empty_batch_has_a_loss_of_zero_and_zero_gradients(reduction):
     kernel = np.ones((3, 5), "float32")

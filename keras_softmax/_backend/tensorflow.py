@@ -25,10 +25,14 @@ class TensorFlowEdge(Edge):
         return True
 
     def attention_device(self, tensors) -> AttentionDevice:
-        # An eager tensor names its device; a traced one often does not (""),
-        # which reads as a CPU. Nothing TensorFlow's attention chooses depends
-        # on it: Keras' TensorFlow attention has no fused kernel.
-        on_gpu = "GPU" in (getattr(tensors[0], "device", "") or "")
+        # An eager tensor names its device. A traced one names it only under
+        # `tf.device` (else ""), and NumPy inputs never: TensorFlow places
+        # those ops on a GPU where it sees one, as `fit` runs. (Keras'
+        # TensorFlow attention has no fused kernel; the loss's chunks
+        # depend on the device.)
+        device = (getattr(tensors[0], "device", "") or "").upper()
+        gpus = tf.config.list_logical_devices("GPU")  # (cached: 0.4 us)
+        on_gpu = bool(gpus) and (not device or "GPU" in device)
         return AttentionDevice("gpu" if on_gpu else "cpu")
 
     def is_concrete(self, tensor) -> bool:
