@@ -270,6 +270,11 @@ def _checked_arguments(
                 f"Received: bias.shape={tuple(bias.shape)}"
             )
     leading_shape = tuple(hidden.shape[:-1])
+    # Read as given: JAX without 64-bit types would make a label of
+    # 2**32 + 5 the class 5 (and Keras' PyTorch fails to convert it).
+    given = None if keras.ops.is_tensor(labels) else np.asarray(labels)
+    if given is not None:
+        _check_label_values(given.reshape(-1), vocabulary, ignore_class)
     labels = _backend.to_tensor(labels)
     if len(labels.shape) != len(leading_shape) or any(
         a is not None and b is not None and a != b
@@ -279,7 +284,7 @@ def _checked_arguments(
             "`labels` must have the leading shape of `inputs`. Received: "
             f"labels.shape={tuple(labels.shape)}, inputs.shape={tuple(hidden.shape)}"
         )
-    if _backend.is_concrete(labels):
+    if given is None and _backend.is_concrete(labels):
         _check_label_values(_backend.read(labels).reshape(-1), vocabulary, ignore_class)
     labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
     valid = (

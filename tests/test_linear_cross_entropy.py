@@ -235,6 +235,9 @@ def test_traced_and_compiled_calls_give_the_eager_losses(mode):
     [
         (dict(labels=[0, 11]), "a label of 11"),
         (dict(labels=[0, -1]), "a label of -1"),
+        # JAX without 64-bit types made these the classes 5 and -2**31 + 5.
+        (dict(labels=np.array([0, 2**32 + 5])), "a label of 4294967301"),
+        (dict(labels=[0, 2**31 + 5]), "a label of 2147483653"),
         (dict(labels=[0, 1, 2]), "labels.shape=\\(3,\\)"),
         (dict(kernel=np.ones((4, 11), "float32")), "kernel.shape=\\(4, 11\\)"),
         (dict(bias=np.ones(10, "float32")), "bias.shape=\\(10,\\)"),
