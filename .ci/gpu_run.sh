@@ -7,6 +7,7 @@
 #   bench_torch     benchmarks/bench_gpu_attention.py --backend torch
 #   cross_entropy   benchmarks/bench_half_cross_entropy.py, N=8192 D=4096 V=131072 (JAX)
 #   cross_entropy_torch   the same on PyTorch                        (issue 28)
+#   cross_entropy_32768   JAX again at N=32768, the issue's second size
 #   tests           the GPU test files on KERAS_BACKEND=torch and =jax, a log
 #                   and a timeout per file; the two backends side by side
 #                   (after the benchmarks, which run alone on the machine)
@@ -34,7 +35,7 @@
 #
 # Knobs (environment): GPU_RUN_BUDGET (seconds, 450), GPU_RUN_STAGES (a subset
 # of "install env bench_jax bench_torch cross_entropy cross_entropy_torch
-# tests"), GPU_RUN_TEST_FILES,
+# cross_entropy_32768 tests"), GPU_RUN_TEST_FILES,
 # GPU_RUN_WORKERS (8), GPU_RUN_BENCH_ARGS (e.g. "--lengths 4096"), GPU_RUN_CE_ARGS,
 # PYTHON (python3). A dry run on a CPU, without the install:
 #   GPU_RUN_STAGES="env bench_jax bench_torch tests" GPU_RUN_BENCH_ARGS=--small \
@@ -46,7 +47,7 @@ cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-/tmp/gpu_out}"
 PYTHON="${PYTHON:-python3}"
 BUDGET="${GPU_RUN_BUDGET:-450}"
-STAGES="${GPU_RUN_STAGES:-install env bench_jax bench_torch cross_entropy cross_entropy_torch tests}"
+STAGES="${GPU_RUN_STAGES:-install env bench_jax bench_torch cross_entropy cross_entropy_torch cross_entropy_32768 tests}"
 WORKERS="${GPU_RUN_WORKERS:-8}"
 BENCH_ARGS="${GPU_RUN_BENCH_ARGS:-}"
 CE_ARGS="${GPU_RUN_CE_ARGS:---tokens 8192 --depth 4096 --vocabulary 131072}"
@@ -203,6 +204,11 @@ if wanted cross_entropy_torch; then
   run_stage cross_entropy_torch 60 "$PYTHON" -u \
     benchmarks/bench_half_cross_entropy.py --backend torch $CE_ARGS
 fi
+if wanted cross_entropy_32768; then
+  # shellcheck disable=SC2086
+  run_stage cross_entropy_32768 60 env KERAS_BACKEND=jax "$PYTHON" -u \
+    benchmarks/bench_half_cross_entropy.py $CE_ARGS --tokens 32768
+fi
 if wanted tests; then
   run_tests torch &
   torch_tests=$!
@@ -225,7 +231,7 @@ for log in "$OUT/bench_jax.log" "$OUT/bench_torch.log"; do
     sed -n '/^### Summary/,$p' "$log"
   fi
 done
-for log in "$OUT/cross_entropy.log" "$OUT/cross_entropy_torch.log"; do
+for log in "$OUT"/cross_entropy*.log; do
   if [[ -f $log ]]; then
     echo
     echo "==== $(basename "$log")"

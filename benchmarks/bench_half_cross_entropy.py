@@ -21,6 +21,8 @@ repository root:
         --vocabulary 131072
     python benchmarks/bench_half_cross_entropy.py --backend torch
     python benchmarks/bench_half_cross_entropy.py --chunk-size 1024  # not the default
+    python benchmarks/bench_half_cross_entropy.py --memory-only --tokens 8192 \
+        --depth 4096 --vocabulary 131072   # JAX: compiled, not run (any device)
 
 The issue's CPU target: at N = 2048, D = 512, V = 32768, at most 0.25x the
 naive step's temporaries (JAX); on a GPU (D = 4096, V = 131072, N = 8192
@@ -46,19 +48,24 @@ NAIVE_TORCH, TORCH_CHUNKED = (
 )
 
 
-def _steps(tokens, depth, vocabulary, chunk_size=None):
-    """`{name: jitted step}` and the arguments they take."""
+def _steps(tokens, depth, vocabulary, chunk_size=None, shapes_only=False):
+    """`{name: jitted step}` and the arguments they take: arrays, or with
+    `shapes_only` their shapes (enough to compile; nothing is allocated)."""
     import jax
     import jax.numpy as jnp
 
     from keras_softmax import linear_cross_entropy
 
     keys = jax.random.split(jax.random.key(0), 3)
-    h = jax.random.normal(keys[0], (tokens, depth), "bfloat16")
-    w = (jax.random.normal(keys[1], (depth, vocabulary)) / depth**0.5).astype(
-        "bfloat16"
-    )
     y = jax.random.randint(keys[2], (tokens,), 0, vocabulary)
+    if shapes_only:
+        h = jax.ShapeDtypeStruct((tokens, depth), "bfloat16")
+        w = jax.ShapeDtypeStruct((depth, vocabulary), "bfloat16")
+    else:
+        h = jax.random.normal(keys[0], (tokens, depth), "bfloat16")
+        w = (jax.random.normal(keys[1], (depth, vocabulary)) / depth**0.5).astype(
+            "bfloat16"
+        )
 
     def naive(h, w):
         logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
@@ -161,23 +168,34 @@ def main(argv=None):
     parser.add_argument(
         "--chunk-size", type=int, help="linear_cross_entropy's (default: its own)"
     )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="JAX: compile and read the temporaries, allocating and timing nothing",
+    )
     args = parser.parse_args(argv)
     os.environ["KERAS_BACKEND"] = args.backend
     if args.backend == "torch":
+        if args.memory_only:
+            parser.error("--memory-only reads a compiled JAX program: not on torch")
         _run_torch(args)
         return
     import jax
 
-    steps, arguments = _steps(args.tokens, args.depth, args.vocabulary, args.chunk_size)
+    steps, arguments = _steps(
+        args.tokens, args.depth, args.vocabulary, args.chunk_size, args.memory_only
+    )
     memory = {}
     for name, step in steps.items():
         compiled = step.lower(*arguments).compile()
         memory[name] = float(compiled.memory_analysis().temp_size_in_bytes / 2**20)
-    timed = {
-        name: (lambda step=step: step(*arguments), jax.block_until_ready)
-        for name, step in steps.items()
-    }
-    timings = step_timings(timed, args.rounds)
+    timings = None
+    if not args.memory_only:
+        timed = {
+            name: (lambda step=step: step(*arguments), jax.block_until_ready)
+            for name, step in steps.items()
+        }
+        timings = step_timings(timed, args.rounds)
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform}: N = {args.tokens}, "
         f"D = {args.depth}, V = {args.vocabulary}, bfloat16{_chunk_note(args)} "
