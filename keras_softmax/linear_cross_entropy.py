@@ -599,7 +599,7 @@ class _Chunk(NamedTuple):
 def _chunk_logits(spec, h, w, b):
     """One chunk's `[C, V]` logits, soft-capped where asked."""
     logits = _backend.matmul(h, w, transpose_b=spec.transposed, float32=spec.half)
-    return _numerics.soft_cap(logits + b, spec.soft_cap)
+    return _numerics.soft_cap(_backend.apply_in_place("add", logits, b), spec.soft_cap)
 
 
 def _chunk_softmax(spec, h, w, b, t, y, differentiated=False):
@@ -608,21 +608,28 @@ def _chunk_softmax(spec, h, w, b, t, y, differentiated=False):
     # Ranked on the logits themselves: the shift and the temperature round.
     ranks = _ranks_in_chunk(logits, y) if spec.ranked else None
     top = ops.max(logits, axis=-1, keepdims=True)
-    shifted = logits - top
-    # Only the cap's derivative needs the logits.
+    # Only the cap's derivative needs the logits; else the shift may write
+    # over them, and each pass after over its input (`apply_in_place`).
     capped = logits if spec.soft_cap is not None and differentiated else None
+    if capped is None:
+        shifted = _backend.apply_in_place("subtract", logits, top)
+    else:
+        shifted = logits - top
     del logits
     if spec.tempered:
-        shifted = shifted / t
+        shifted = _backend.apply_in_place("divide", shifted, t)
     picked = ops.take_along_axis(shifted, y[:, None], axis=-1)
     mean = None
     if spec.smoothing:
         # (Keras' mean on JAX, 3.15, sums float64 in float32.)
         mean = ops.sum(shifted, axis=-1, keepdims=True) / shifted.shape[-1]
-    numerator = ops.exp(shifted)
     expected = None
     if spec.tempered and differentiated:
+        # The temperature's gradient reads the shifted logits beside it.
+        numerator = ops.exp(shifted)
         expected = ops.sum(numerator * shifted, axis=-1, keepdims=True)
+    else:
+        numerator = _backend.apply_in_place("exp", shifted)
     del shifted
     total = ops.sum(numerator, axis=-1, keepdims=True)
     chunk = _Chunk(
@@ -680,12 +687,14 @@ def _chunk_losses_and_gradients(spec, h, w, b, t, y, weights):
     scale = 1.0 / c.total
     if spec.z_loss:
         scale = scale * (1.0 + 2.0 * spec.z_loss * (c.top / t + c.log_total))
-    grad = grad * scale
+    grad = _backend.apply_in_place("multiply", grad, scale)
     grad = _backend.add_at_columns(
         grad, y, ops.full(ops.shape(y), -(1.0 - spec.smoothing), grad.dtype)
     )
     if spec.smoothing:
-        grad = grad - spec.smoothing / grad.shape[-1]
+        grad = _backend.apply_in_place(
+            "subtract", grad, spec.smoothing / grad.shape[-1]
+        )
     dt = ops.zeros((), grad.dtype)
     rows = weights  # [C, 1]: d loss / d logits is `rows * grad`
     if spec.tempered:
@@ -698,7 +707,8 @@ def _chunk_losses_and_gradients(spec, h, w, b, t, y, weights):
         dt = -ops.sum(weights * (dot + row_sum * c.top / t)) / t
         rows = weights / t
     if spec.soft_cap is not None:
-        grad = grad * _numerics.soft_cap_derivative(c.capped, spec.soft_cap)
+        derivative = _numerics.soft_cap_derivative(c.capped, spec.soft_cap)
+        grad = _backend.apply_in_place("multiply", grad, derivative)
     # Half operands multiply the logits' gradients rounded to half,
     # accumulating in float32, as a half matmul's own gradient does.
     d_operand = ops.cast(grad, h.dtype) if spec.half else grad

@@ -950,6 +950,57 @@ def test_pytorch_reverse_pass_makes_no_zeros_of_the_kernels_size():
     assert "aten.mul.Tensor" in made.ops  # the watch sees the scaling
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="eager PyTorch's allocations")
+@pytest.mark.parametrize(
+    "options, per_chunk",
+    [({}, 1), ({"label_smoothing": 0.1}, 1), ({"temperature": 0.7}, 3)],
+    ids=["plain", "smoothed", "tempered"],
+)
+def test_pytorch_makes_one_tensor_of_a_chunks_logits_size_per_chunk(options, per_chunk):
+    # Each pass over a chunk's [C, V] logits writes over its input: a new
+    # tensor per pass held two at a time, and took a CPU a third of the
+    # step. (A temperature's gradient reads the shifted logits beside their
+    # exponential, and their product; a soft cap's formula makes its own.)
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    labels, h, w, b = _problem(n=40, depth=16, vocabulary=90)
+    h, w, b = (torch.tensor(a, requires_grad=True) for a in (h, w, b))
+    temperature = options.get("temperature")
+    if temperature is not None:
+        options = options | {
+            "temperature": torch.tensor(temperature, requires_grad=True)
+        }
+
+    class Made(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            new = not func._schema.is_mutable and not func.is_view
+            if new and isinstance(out, torch.Tensor) and out.shape == (8, 90):
+                self.ops.append(str(func))
+            return out
+
+    with Made() as made:
+        loss = linear_cross_entropy(labels, h, w, b, chunk_size=8, **options)
+        loss.backward()
+    assert len(made.ops) == 5 * per_chunk, made.ops  # 5 chunks of 8
+    np.testing.assert_allclose(
+        to_numpy(loss),
+        np.mean(
+            reference_losses(
+                labels,
+                to_numpy(h),
+                to_numpy(w),
+                to_numpy(b),
+                **{k: float(to_numpy(v)) for k, v in options.items()},
+            )
+        ),
+        rtol=2e-6,
+    )
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX multiplies bf16 into float32")
 def test_bfloat16_training_holds_no_float32_copy_of_the_kernel():
     import jax

@@ -25,6 +25,7 @@ GPU_CHUNK_ROWS = 2048
 SURFACE = (
     "add_at_columns",
     "add_matmul",
+    "apply_in_place",
     "attention_device",
     "chunk_rows",
     "cond_no_nan",
@@ -232,8 +233,17 @@ class Edge:
         block = keras.ops.slice(x, starts, keras.ops.shape(update))
         return keras.ops.slice_update(x, starts, block + update)
 
+    def apply_in_place(self, op: str, x, *operands):
+        """`keras.ops.<op>(x, *operands)`, for an elementwise `op` (`"add"`,
+        `"subtract"`, `"multiply"`, `"divide"`, `"exp"`) whose result has
+        `x`'s shape and dtype, written over `x` where the backend can: the
+        caller gives `x` up. Compilers plan their own buffers, and Keras'
+        op serves them."""
+        return getattr(keras.ops, op)(x, *operands)
+
     def add_at_columns(self, x, columns, values):
-        """`x` `[C, V]` with `values[i]` added at `x[i, columns[i]]`.
+        """`x` `[C, V]` with `values[i]` added at `x[i, columns[i]]`, over
+        `x` where the backend can (as `apply_in_place`).
 
         A `where` over `x`, which compilers fuse with what makes `x` and
         what reads the result (a scatter is a kernel of its own there).
