@@ -65,17 +65,6 @@ class ProductBlocks(NamedTuple):
     size: int  # the length of a block along `axis` (the last may be shorter)
 
 
-def product_blocks(shape, elements: int) -> ProductBlocks:
-    """Blocks of the longer axis (the vocabulary's) of a `[rows, columns]`
-    total, each of `elements` at most (one block where that holds it all).
-
-    Each block reads its own slice of the operand with the vocabulary's
-    axis, and all of the other, small one.
-    """
-    axis = 1 if shape[1] >= shape[0] else 0
-    return ProductBlocks(axis, max(1, elements // max(1, shape[1 - axis])))
-
-
 class AttentionDevice(NamedTuple):
     """The device an attention call runs on, as its choice of path sees it.
 
@@ -232,6 +221,19 @@ class Edge:
         """`x` with `update` added to its block that starts at `starts`."""
         block = keras.ops.slice(x, starts, keras.ops.shape(update))
         return keras.ops.slice_update(x, starts, block + update)
+
+    def product_blocks(self, total) -> ProductBlocks:
+        """Blocks of the longer axis (the vocabulary's) of the `[rows,
+        columns]` `total`, each of `chunk_elements` at most on its device
+        (one block where that holds it all).
+
+        Each block reads its own slice of the operand with the vocabulary's
+        axis, and all of the other, small one.
+        """
+        elements = self.chunk_elements(self.attention_device([total]))
+        rows, columns = total.shape
+        axis = 1 if columns >= rows else 0
+        return ProductBlocks(axis, max(1, elements // max(1, total.shape[1 - axis])))
 
     def apply_in_place(self, op: str, x, *operands):
         """`keras.ops.<op>(x, *operands)`, for an elementwise `op` (`"add"`,

@@ -11,7 +11,6 @@ import torch
 from keras_softmax import _keras_internals
 from keras_softmax._backend.base import AttentionDevice
 from keras_softmax._backend.base import Edge
-from keras_softmax._backend.base import product_blocks
 
 # What SDPA's fused kernels take on a GPU (PyTorch 2.13).
 _SDPA_GPU_DTYPES = ("float16", "bfloat16", "float32")
@@ -139,8 +138,7 @@ class TorchEdge(Edge):
             return torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
         # Added a block of the vocabulary at a time: a whole product would
         # be one more float32 tensor of `total`'s size.
-        device = self.attention_device([total])
-        blocks = product_blocks(total.shape, self.chunk_elements(device))
+        blocks = self.product_blocks(total)
         for start in range(0, total.shape[blocks.axis], blocks.size):
             part = slice(start, start + blocks.size)
             if blocks.axis == 1:
