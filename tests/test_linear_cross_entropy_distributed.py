@@ -29,58 +29,83 @@ def _run(body, env):
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
-def test_model_parallel_kernel_sharded_over_4_devices_gives_one_devices_loss():
+@pytest.mark.parametrize("transposed", [False, True], ids=["[D, V]", "[V, D]"])
+def test_model_parallel_kernel_sharded_over_4_devices_gives_one_devices_loss(
+    transposed,
+):
     result = _run(
-        """
+        f"""
         import json, jax, keras
-        from keras_softmax import linear_cross_entropy
+        from keras_softmax import _backend, linear_cross_entropy
+        transposed = {transposed}
         devices = keras.distribution.list_devices("cpu")
         mesh = keras.distribution.DeviceMesh((1, 4), ["batch", "model"], devices)
         layout_map = keras.distribution.LayoutMap(mesh)
-        layout_map["head/kernel"] = (None, "model")
+        layout_map["head/kernel"] = ("model", None) if transposed else (None, "model")
         layout_map["head/bias"] = ("model",)
         distribution = keras.distribution.ModelParallel(layout_map=layout_map)
         with distribution.scope():
-            head = keras.layers.Dense(v, name="head")
+            equation = "nd,vd->nv" if transposed else "nd,dv->nv"
+            head = keras.layers.EinsumDense(equation, (v,), bias_axes="v", name="head")
             head.build((None, d))
-        head.set_weights([kernel, bias])
+        head.set_weights([kernel.T if transposed else kernel, bias])
         w, b = head.kernel.value, head.bias.value
 
         def loss(h, w, b):
-            return linear_cross_entropy(labels, h, w, b, chunk_size=16)
+            return linear_cross_entropy(
+                labels, h, w, b, chunk_size=16, transpose_kernel=transposed
+            )
 
-        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-        sharded, (dh, dw, db) = step(hidden, w, b)
-        single, (dh1, dw1, db1) = step(hidden, np.asarray(w), np.asarray(b))
-        def temp(*args):
-            compiled = step.lower(*args).compile()
-            return compiled.memory_analysis().temp_size_in_bytes
-        print(json.dumps({
-            "kernel shards": [list(s.data.shape) for s in w.addressable_shards],
-            "gradient shards": [list(s.data.shape) for s in dw.addressable_shards],
-            "loss": [float(sharded), float(single)],
-            "gradient error": max(
-                float(np.max(np.abs(np.asarray(a) - np.asarray(e))) / np.max(np.abs(e)))
-                for a, e in ((dh, dh1), (dw, dw1), (db, db1))
-            ),
-            "temp bytes": [
-                temp(hidden, w, b), temp(hidden, np.asarray(w), np.asarray(b))
-            ],
-        }))
+        results = []
+        # One block (these sizes), then blocks of 256 classes, each 64 of
+        # every device's 1024.
+        for elements in (None, 16 * 256):
+            if elements:
+                _backend.edge().chunk_elements = lambda device: elements
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+            sharded, (dh, dw, db) = step(hidden, w, b)
+            single, (dh1, dw1, db1) = step(hidden, np.asarray(w), np.asarray(b))
+            def compiled(*args):
+                return step.lower(*args).compile()
+            results.append({{
+                "kernel shards": [list(s.data.shape) for s in w.addressable_shards],
+                "gradient shards": [
+                    list(s.data.shape) for s in dw.addressable_shards
+                ],
+                "gathers": compiled(hidden, w, b).as_text().count("all-gather"),
+                "loss": [float(sharded), float(single)],
+                "gradient error": max(
+                    float(
+                        np.max(np.abs(np.asarray(a) - np.asarray(e)))
+                        / np.max(np.abs(e))
+                    )
+                    for a, e in ((dh, dh1), (dw, dw1), (db, db1))
+                ),
+                "temp bytes": [
+                    compiled(*args).memory_analysis().temp_size_in_bytes
+                    for args in ((hidden, w, b), (hidden, np.asarray(w), np.asarray(b)))
+                ],
+            }})
+        print(json.dumps(results))
         """,
         env={
             "KERAS_BACKEND": "jax",
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         },
     )
-    assert result["kernel shards"] == [[16, 1024]] * 4
-    assert result["gradient shards"] == [[16, 1024]] * 4
-    sharded, single = result["loss"]
-    np.testing.assert_allclose(sharded, single, rtol=2e-6)
-    assert result["gradient error"] < 2e-5
-    # Per device: about a quarter of one device's working memory.
-    per_device, one_device = result["temp bytes"]
-    assert per_device < 0.35 * one_device, result["temp bytes"]
+    shard = [1024, 16] if transposed else [16, 1024]
+    for blocks in result:
+        assert blocks["kernel shards"] == [shard] * 4
+        # Each device keeps its quarter of the kernel's gradient: nothing is
+        # gathered, with blocks of classes or without.
+        assert blocks["gradient shards"] == [shard] * 4, blocks
+        assert blocks["gathers"] == 0, blocks
+        sharded, single = blocks["loss"]
+        np.testing.assert_allclose(sharded, single, rtol=2e-6)
+        assert blocks["gradient error"] < 2e-5
+        # Per device: about a quarter of one device's working memory.
+        per_device, one_device = blocks["temp bytes"]
+        assert per_device < 0.35 * one_device, blocks["temp bytes"]
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute is TensorFlow's")

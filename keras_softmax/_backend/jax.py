@@ -1,6 +1,8 @@
 """JAX's edge (JAX 0.10, Keras 3.15): every call is compiled, so Keras'
 answers serve, but for a scan, attention and the custom derivative."""
 
+import math
+
 import jax
 
 from keras_softmax._backend.base import AttentionDevice
@@ -60,32 +62,34 @@ class JaxEdge(Edge):
         # it lies (`dynamic_update_slice` in a loop), hold one at a time;
         # on a CPU, chunk-sized blocks also ran 7 to 13% faster.
         blocks = self.product_blocks(total)
-        length = total.shape[blocks.axis]
-        if blocks.size >= length:
+        view = _PartsView(total.shape[blocks.axis], jax.device_count())
+        width = max(1, blocks.size // view.parts)
+        if width >= view.part:
             return super().add_matmul(total, a, b, transpose_a=transpose_a)
         float32 = total.dtype == "float32"
+        # The operand with the vocabulary's axis, and that axis.
+        if blocks.axis == 1:  # the total's columns: `b`'s
+            operand, axis = b, 1
+        else:  # its rows: `a`'s, its columns where read transposed
+            operand, axis = a, int(transpose_a)
+        operand = view.split(operand, axis)
+        total = view.split(total, blocks.axis)
 
         def add(total, start, size):
-            a_part, b_part = a, b
-            if blocks.axis == 1:  # the total's columns: `b`'s
-                b_part = jax.lax.dynamic_slice_in_dim(b, start, size, 1)
-            else:  # its rows: `a`'s, its columns where read transposed
-                a_part = jax.lax.dynamic_slice_in_dim(a, start, size, int(transpose_a))
+            part = view.block(operand, axis, start, size)
+            a_part, b_part = (a, part) if blocks.axis == 1 else (part, b)
             product = self.matmul(
                 a_part, b_part, transpose_a=transpose_a, float32=float32
             )
-            old = jax.lax.dynamic_slice_in_dim(total, start, size, blocks.axis)
-            return jax.lax.dynamic_update_slice_in_dim(
-                total, old + product, start, blocks.axis
-            )
+            return view.with_block_added(total, blocks.axis, product, start)
 
-        whole = length // blocks.size
+        whole = view.part // width
         total = jax.lax.fori_loop(
-            0, whole, lambda i, t: add(t, i * blocks.size, blocks.size), total
+            0, whole, lambda i, t: add(t, i * width, width), total
         )
-        if length % blocks.size:
-            total = add(total, whole * blocks.size, length % blocks.size)
-        return total
+        if view.part % width:
+            total = add(total, whole * width, view.part % width)
+        return view.merged(total, blocks.axis)
 
     def half_matmul_in_float32_serves(self, tensor) -> bool:
         return True
@@ -148,3 +152,51 @@ class JaxEdge(Edge):
 
 
 EDGE = JaxEdge()
+
+
+class _PartsView:
+    """A vocabulary of `length` seen as `[parts, length // parts]`, `parts`
+    the largest number that divides both it and the device count: an even
+    shard of it over any of the devices' mesh axes holds whole rows of that
+    view. A block that takes a slice of every row never crosses a shard,
+    where a block of the vocabulary itself would make XLA gather a sharded
+    kernel's whole gradient onto every device.
+
+    A tensor is split once (`split`), its blocks read and added in the
+    view (`block`, `with_block_added`, as 2-D tensors), and merged at the end.
+    With one part, the tensor is used as it is: XLA may lay out a view of
+    the loop's total anew, copying it.
+    """
+
+    def __init__(self, length: int, devices: int):
+        self.parts = math.gcd(length, devices)
+        self.part = length // self.parts
+
+    def split(self, x, axis):
+        """`x`, its `axis` the vocabulary's (or a block's), as the view."""
+        if self.parts == 1:
+            return x
+        return x.reshape(x.shape[:axis] + (self.parts, -1) + x.shape[axis + 1 :])
+
+    def merged(self, x, axis):
+        """`split`'s inverse."""
+        if self.parts == 1:
+            return x
+        return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+
+    def block(self, x, axis, start, size):
+        """The view `x`'s columns `[start, start + size)` of every part, as a
+        tensor of `x`'s rank before the split."""
+        inner = self._inner(axis)
+        return self.merged(jax.lax.dynamic_slice_in_dim(x, start, size, inner), axis)
+
+    def with_block_added(self, x, axis, block, start):
+        """The view `x` with `block` (as `block` returns it) added at `start`,
+        in the view: a merged slice of the total would be a copy."""
+        block, inner = self.split(block, axis), self._inner(axis)
+        old = jax.lax.dynamic_slice_in_dim(x, start, block.shape[inner], inner)
+        return jax.lax.dynamic_update_slice_in_dim(x, old + block, start, inner)
+
+    def _inner(self, axis):
+        """The view's axis along a part."""
+        return axis if self.parts == 1 else axis + 1
