@@ -270,9 +270,10 @@ def _checked_arguments(
                 f"Received: bias.shape={tuple(bias.shape)}"
             )
     leading_shape = tuple(hidden.shape[:-1])
-    # Read as given: JAX without 64-bit types would make a label of
-    # 2**32 + 5 the class 5 (and Keras' PyTorch fails to convert it).
-    given = None if keras.ops.is_tensor(labels) else np.asarray(labels)
+    # NumPy and Python labels are read as given: JAX without 64-bit types
+    # would make a label of 2**32 + 5 the class 5 (and Keras' PyTorch fails
+    # to convert it).
+    given = np.asarray(labels) if _plain_numbers(labels) else None
     if given is not None:
         _check_label_values(given.reshape(-1), vocabulary, ignore_class)
     labels = _backend.to_tensor(labels)
@@ -327,6 +328,14 @@ def _checked_arguments(
         # Traced with an unknown batch size, the shape is read at run time.
         leading_shape=ops.shape(hidden)[:-1],
     )
+
+
+def _plain_numbers(x) -> bool:
+    """Whether `x` is NumPy's or Python's numbers, or lists of them: not a
+    tensor, a variable or a traced value, which NumPy may not read."""
+    if isinstance(x, (list, tuple)):
+        return all(_plain_numbers(item) for item in x)
+    return isinstance(x, (np.ndarray, np.generic, int, float))
 
 
 def _check_label_values(values, vocabulary, ignore_class):

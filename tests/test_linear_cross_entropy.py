@@ -230,6 +230,22 @@ def test_traced_and_compiled_calls_give_the_eager_losses(mode):
     )
 
 
+@pytest.mark.parametrize("mode", [traced, compiled], ids=lambda m: m.__name__)
+def test_labels_listed_from_the_steps_own_tensors_give_the_eager_losses(mode):
+    # A list of traced values is not NumPy's to read: it is converted first
+    # (NumPy's reading raised under jax.jit and tf.function).
+    labels, h, w, b = _problem(n=3)
+    fn = mode(
+        lambda y, h: linear_cross_entropy([y[0], y[1], y[2]], h, w, b, reduction=None)
+    )
+    y = keras.ops.convert_to_tensor(labels.astype("int32"))
+    np.testing.assert_allclose(
+        to_numpy(fn(y, keras.ops.convert_to_tensor(h))),
+        reference_losses(labels, h, w, b),
+        rtol=2e-6,
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
