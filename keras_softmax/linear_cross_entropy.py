@@ -474,8 +474,12 @@ def _padded_to_chunks(chunk, hidden, *per_position):
     """The positions `n`, the chunk, and `hidden` `[n, D]` and the `[n]`
     tensors padded to a whole number of chunks."""
     n = hidden.shape[0]
-    if n is None:  # a traced batch of unknown size
+    if n is None:
+        # A traced batch of unknown size (Keras' `fit` on TensorFlow): the
+        # chunk fits it at run time, where a GPU's 2048 rows would pad a
+        # batch of 100 twentyfold.
         n = ops.shape(hidden)[0]
+        chunk = ops.minimum(chunk, ops.maximum(n, 1))
     else:
         chunk = min(chunk, max(n, 1))
     pad = (-n) % chunk

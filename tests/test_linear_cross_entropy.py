@@ -461,6 +461,57 @@ def test_a_traced_tensorflow_loss_takes_the_chunks_of_the_device_it_runs_on(
     assert rows_chosen() == [2048, 128, 128]
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="unknown batch sizes need a graph")
+@pytest.mark.parametrize("gpu", [False, True], ids=["here", "a GPU described"])
+def test_a_batch_of_unknown_size_is_chunked_to_its_own_size_not_padded(
+    gpu, monkeypatch
+):
+    # Keras' `fit` traces its step with an unknown batch size; a GPU's
+    # 2048-row chunks padded a batch of 100 twentyfold.
+    import importlib
+
+    import tensorflow as tf
+
+    # (The package's `linear_cross_entropy` is the function.)
+    module = importlib.import_module("keras_softmax.linear_cross_entropy")
+    if gpu:
+        monkeypatch.setattr(_backend.edge(), "attention_device", lambda t: GPU)
+    padded = []
+    pad = module._padded_to_chunks
+
+    def recorded(*args):
+        n, chunk, tensors = pad(*args)
+        padded.append(tf.shape(tensors[0])[0])
+        return n, chunk, tensors
+
+    monkeypatch.setattr(module, "_padded_to_chunks", recorded)
+    labels, h, w, b = _problem(n=100, depth=4)
+    _products_of(monkeypatch, 256 * w.shape[1])  # chunks of 256 rows here
+    specs = [tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, 4])]
+
+    @tf.function(input_signature=specs)
+    def step(y, h):
+        with tf.GradientTape() as tape:
+            tape.watch(h)
+            losses = linear_cross_entropy(y, h, w, b, reduction=None)
+            total = tf.reduce_sum(losses)
+        return losses, tape.gradient(total, h), padded[-1]
+
+    losses, d_inputs, rows = step(labels, h)
+    assert int(rows) == 100
+    np.testing.assert_allclose(
+        losses.numpy(), reference_losses(labels, h, w, b), rtol=2e-6
+    )
+    # d sum(losses) / d h = (softmax(logits) - one_hot(labels)) @ w^T.
+    logits = h.astype(np.float64) @ w + b
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    probabilities[np.arange(len(labels)), labels] -= 1
+    np.testing.assert_allclose(
+        d_inputs.numpy(), probabilities @ w.T, rtol=1e-5, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", None])
 def test_an_empty_batch_has_a_loss_of_zero_and_zero_gradients(reduction):
     kernel = np.ones((3, 5), "float32")
