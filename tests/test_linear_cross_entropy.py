@@ -309,10 +309,25 @@ def test_labels_held_as_a_backend_tensor_work_traced_and_compiled(mode):
     )
 
 
-def test_a_label_known_bad_only_at_run_time_gives_nan_not_a_loss():
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.array([0, 11, 2], "int32"),
+        # As int32, the classes 5 and 6: judged in their own dtype.
+        pytest.param(
+            np.array([0, 2**32 + 5, 2], "int64"),
+            marks=pytest.mark.skipif(
+                BACKEND == "jax", reason="JAX without 64-bit types has no int64"
+            ),
+        ),
+        np.array([0.0, 6.5, 2.0], "float32"),
+    ],
+    ids=str,
+)
+def test_a_label_known_bad_only_at_run_time_gives_nan_not_a_loss(bad):
     labels, h, w, b = _problem(n=3)
     fn = compiled(lambda y: linear_cross_entropy(y, h, w, b, reduction=None))
-    losses = to_numpy(fn(keras.ops.convert_to_tensor(np.array([0, 11, 2], "int32"))))
+    losses = to_numpy(fn(keras.ops.convert_to_tensor(bad)))
     assert np.isnan(losses[1]) and np.all(np.isfinite(losses[[0, 2]]))
 
 
