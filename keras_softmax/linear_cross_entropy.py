@@ -310,7 +310,7 @@ def _checked_arguments(
         in_range=in_range,
         sample_weight=_sample_weight(sample_weight, labels, hidden, dtype),
         poison=ops.cast(poison, dtype),
-        hidden=ops.reshape(hidden, (-1, depth)),
+        hidden=ops.reshape(hidden, (_known_size(leading_shape), depth)),
         kernel=kernel,
         transposed=transposed,
         bias=bias,
@@ -341,6 +341,12 @@ def _plain_numbers(x) -> bool:
     if isinstance(x, (list, tuple)):
         return all(_plain_numbers(item) for item in x)
     return isinstance(x, (np.ndarray, np.generic, int, float))
+
+
+def _known_size(shape) -> int:
+    """The number of elements of `shape`, or -1 where it is not known: a
+    reshape cannot infer -1 beside an axis of 0 (inputs with D = 0)."""
+    return -1 if None in shape else math.prod(shape)
 
 
 def _check_label_values(values, vocabulary, ignore_class):
@@ -808,8 +814,10 @@ def _scan_losses_and_gradients(spec, h, w, b, t, y, weights):
 
 def _split(spec, h, *per_position):
     """`h` and per-position tensors as chunks of `chunk` rows."""
-    return (ops.reshape(h, (-1, spec.chunk, h.shape[-1])),) + tuple(
-        ops.reshape(a, (-1, spec.chunk)) for a in per_position
+    n = h.shape[0]
+    chunks = -1 if n is None else n // spec.chunk
+    return (ops.reshape(h, (chunks, spec.chunk, h.shape[-1])),) + tuple(
+        ops.reshape(a, (chunks, spec.chunk)) for a in per_position
     )
 
 

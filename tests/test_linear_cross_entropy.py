@@ -527,6 +527,30 @@ def test_a_batch_of_unknown_size_is_chunked_to_its_own_size_not_padded(
     )
 
 
+def test_inputs_with_no_features_give_the_loss_of_the_bias_alone():
+    # D = 0: the logits are the bias (a reshape's -1 failed beside the 0).
+    labels, _, _, b = _problem()
+    inputs, kernel = np.zeros((7, 0), "float32"), np.zeros((0, 11), "float32")
+    losses = linear_cross_entropy(labels, inputs, kernel, b, reduction=None)
+    np.testing.assert_allclose(
+        to_numpy(losses),
+        reference_losses(labels, inputs, kernel.astype(np.float64), b),
+        rtol=2e-6,
+    )
+    # Each loss's gradient in the bias: softmax(b) - one_hot(label).
+    expected = np.exp(b - b.max()) / np.exp(b - b.max()).sum()
+    expected = np.arange(1, 8) @ (expected - np.eye(11)[labels])
+    np.testing.assert_allclose(
+        gradient(
+            lambda v: linear_cross_entropy(labels, inputs, kernel, v, reduction=None),
+            b.astype(np.float64),
+        ),
+        expected,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", None])
 def test_an_empty_batch_has_a_loss_of_zero_and_zero_gradients(reduction):
     kernel = np.ones((3, 5), "float32")
