@@ -288,6 +288,9 @@ def _checked_arguments(
     if given is None and _backend.is_concrete(labels):
         _check_label_values(_backend.read(labels).reshape(-1), vocabulary, ignore_class)
     labels = ops.reshape(labels, (-1,))
+    label_dtype = keras.backend.standardize_dtype(labels.dtype)
+    if label_dtype == "bool":  # (TensorFlow compares no bools with 0)
+        labels, label_dtype = ops.cast(labels, "int32"), "int32"
     valid = (
         ops.ones(ops.shape(labels), "bool")
         if ignore_class is None
@@ -296,7 +299,7 @@ def _checked_arguments(
     # Judged in the labels' own dtype: as int32, a traced int64 label of
     # 2**32 + 5 is the class 5, and a float one of 6.5 the class 6.
     in_range = ops.logical_and(labels >= 0, labels < vocabulary)
-    if not keras.backend.standardize_dtype(labels.dtype).startswith(("int", "uint")):
+    if not label_dtype.startswith(("int", "uint")):
         in_range = ops.logical_and(in_range, ops.equal(labels, ops.floor(labels)))
     labels = ops.cast(labels, "int32")
     # A label known bad only at run time makes its position's loss NaN.

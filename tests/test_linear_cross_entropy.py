@@ -309,6 +309,18 @@ def test_labels_held_as_a_backend_tensor_work_traced_and_compiled(mode):
     )
 
 
+@pytest.mark.parametrize("mode", [traced, compiled], ids=lambda m: m.__name__)
+def test_boolean_labels_are_the_classes_0_and_1(mode):
+    labels, h, w, b = _problem(n=4)
+    flags = np.array([True, False, False, True])
+    fn = mode(lambda y: linear_cross_entropy(y, h, w, b, reduction=None))
+    np.testing.assert_allclose(
+        to_numpy(fn(keras.ops.convert_to_tensor(flags))),
+        reference_losses(flags.astype(int), h, w, b),
+        rtol=2e-6,
+    )
+
+
 @pytest.mark.parametrize(
     "bad",
     [
