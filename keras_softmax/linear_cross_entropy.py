@@ -803,14 +803,16 @@ def _scan_losses_and_gradients(spec, h, w, b, t, y, weights):
 
     # One float32 accumulator for a half kernel's gradient (`b` is in the
     # compute dtype).
+    vocabulary_axis = 0 if spec.transposed else 1
     init = (
-        ops.zeros(ops.shape(w), b.dtype),
+        _backend.running_total(w, b.dtype, vocabulary_axis),
         ops.zeros_like(b),
         ops.zeros((), b.dtype),
     )
     (dw, db, dt), (losses, dh, *ranks) = _backend.scan(
         step, init, _split(spec, h, y, weights)
     )
+    dw = _backend.total_of(dw, vocabulary_axis)
     gradients = (ops.reshape(dh, ops.shape(h)), dw, db, dt)
     return _flat(losses), _flat(*ranks), gradients
 

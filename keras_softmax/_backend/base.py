@@ -49,11 +49,13 @@ SURFACE = (
     "reduce_all",
     "reduce_any",
     "reduce_max",
+    "running_total",
     "scan",
     "slice_add",
     "static_shape",
     "takes_fused_path",
     "to_tensor",
+    "total_of",
     "with_reverse_rule",
 )
 
@@ -210,6 +212,16 @@ class Edge:
         """`2 ** exponent`, exactly, in `dtype` (`exponent` integers as floats)."""
         ones = keras.ops.ones(keras.ops.shape(exponent), dtype)
         return keras.ops.ldexp(ones, keras.ops.cast(exponent, "int32"))
+
+    def running_total(self, like, dtype: str, axis: int):
+        """Zeros shaped like the `[rows, columns]` `like`, in `dtype`: a total
+        for `add_matmul` to add products into, its `axis` the vocabulary's.
+        `total_of` gives it back as one tensor."""
+        return keras.ops.zeros(keras.ops.shape(like), dtype)
+
+    def total_of(self, total, axis: int):
+        """A `running_total`'s sum as one tensor (`axis` as given there)."""
+        return total
 
     def add_matmul(self, total, a, b, *, transpose_a=False):
         """`total + a @ b`, `a` read transposed with `transpose_a` (in place
