@@ -91,9 +91,9 @@ def linear_cross_entropy(
             sum of their weights (0 if it is 0), `"sum"` sums them, and
             `None` / `"none"` returns the weighted per-position losses.
         chunk_size: Tokens per chunk. Defaults to as many as keep a chunk's
-            logits at 2**24 elements (2**23 for JAX on a CPU), and at
-            least 2048 on a GPU, where fewer spend longer rewriting the
-            kernel's float32 gradient than multiplying.
+            logits at 2**24 elements (on a CPU, 2**23 for JAX and 2**25 for
+            TensorFlow), and at least 2048 on a GPU, where fewer spend
+            longer rewriting the kernel's float32 gradient than multiplying.
 
     Returns:
         The reduced loss, or the per-position losses of `labels`' shape.

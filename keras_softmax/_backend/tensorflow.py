@@ -60,6 +60,15 @@ class TensorFlowEdge(Edge):
             a, b = tf.cast(a, tf.float32), tf.cast(b, tf.float32)
         return tf.linalg.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
+    def chunk_elements(self, device: AttentionDevice) -> int:
+        # On a CPU, chunks of 128 MiB of float32 logits run faster than 64,
+        # now that the kernel's gradient is added in blocks (running_total):
+        # 0.88x the naive step's time against 0.99x at N = 4096, D = 512,
+        # V = 131072, at 94 MiB of extra peak (400 is the target).
+        if device.platform == "cpu":
+            return 1 << 25
+        return super().chunk_elements(device)
+
     def running_total(self, like, dtype: str, axis: int):
         # TensorFlow adds a product into a new tensor: each chunk of the loss
         # held the kernel's gradient, its product and their sum at once
