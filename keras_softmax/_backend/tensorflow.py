@@ -64,7 +64,7 @@ class TensorFlowEdge(Edge):
         # On a CPU, chunks of 128 MiB of float32 logits run faster than 64,
         # now that the kernel's gradient is added in blocks (running_total):
         # 0.88x the naive step's time against 0.99x at N = 4096, D = 512,
-        # V = 131072, at 94 MiB of extra peak (400 is the target).
+        # V = 131072, at 22 to 94 MiB of extra peak (400 is the target).
         if device.platform == "cpu":
             return 1 << 25
         return super().chunk_elements(device)
