@@ -3,8 +3,8 @@
 Every one: Keras' activation table, `Layer.__call__`'s frame, the members
 of `MultiHeadAttention` we override or read, the mask and logits attributes
 of tensors (`_keras_mask`, `_keras_logits`, `_keras_history`), TensorFlow's
-tape and XLA context, PyTorch's forward-mode level and `torch.func` wrapper
-test.
+tape, XLA context and AutoGraph's rules, PyTorch's forward-mode level and
+`torch.func` wrapper test.
 
 Gathered here, each with the version it was checked against, so that a
 release that moves one breaks one module; `tests/test_keras_integration.py`
@@ -114,6 +114,21 @@ def tape_stop_recording():
     from tensorflow.python.eager import record
 
     return record.stop_recording()
+
+
+def leave_out_of_autograph(package: str) -> None:
+    """Makes TensorFlow's AutoGraph call `package`'s functions as written,
+    as it calls Keras' (TensorFlow 2.21).
+
+    `CONVERSION_RULES` in tensorflow/python/autograph/core/config.py lists
+    the packages AutoGraph leaves alone; the first rule that matches a
+    function's module decides.
+    """
+    from tensorflow.python.autograph.core import config
+
+    rules = config.CONVERSION_RULES
+    if not any(getattr(rule, "_prefix", None) == package for rule in rules):
+        config.CONVERSION_RULES = (config.DoNotConvert(package), *rules)
 
 
 def in_xla_context() -> bool:

@@ -69,3 +69,10 @@ def graph_when_large(fn):
 
     run.graphs = {}
     return run
+
+
+# TensorFlow's edge is made on import: its module leaves the library out of
+# AutoGraph, which must hold before a user's `tf.function` first traces a
+# call of it.
+if keras.backend.backend() == "tensorflow":
+    edge()

@@ -10,6 +10,12 @@ from keras_softmax import _keras_internals
 from keras_softmax._backend.base import AttentionDevice
 from keras_softmax._backend.base import Edge
 
+# Inside a user's `tf.function`, AutoGraph would rewrite every function of
+# the library it reaches, as it leaves Keras' alone: 345 of them for one
+# step of the loss, most of its trace time. They are written for graphs as
+# they are (Keras' `fit` calls them unconverted).
+_keras_internals.leave_out_of_autograph("keras_softmax")
+
 # Elements from which an eager call runs as a graph (see graph_when_large).
 _LARGE = 1 << 16
 _TENSOR = object()
