@@ -171,7 +171,7 @@ _SCORES = "the scores' shape (batch, heads, queries, keys)"
 class _Options(NamedTuple):
     """The checked arguments of `dot_product_attention` other than tensors."""
 
-    scale: float
+    scale: float | None  # None: 1 / sqrt(head size), known at run time only
     is_causal: bool
     temperature: _temperature.Temperature
     flash_attention: bool | None
@@ -189,12 +189,12 @@ def _options(
     block_sizes=None,
 ) -> _Options:
     """The arguments checked, each error naming its argument."""
-    if scale is None:
+    size = query.shape[-1]
+    if scale is None and size is not None:
         # Any scale gives scores of 0 over heads of size 0.
-        size = query.shape[-1]
         scale = 1.0 / math.sqrt(size) if size else 1.0
     return _Options(
-        scale=_arguments.check_positive("scale", scale),
+        scale=None if scale is None else _arguments.check_positive("scale", scale),
         is_causal=_arguments.check_flag("is_causal", is_causal),
         temperature=_temperature.normalize_temperature(
             temperature, _dtypes.compute_dtype(query.dtype)
@@ -217,13 +217,19 @@ def _attend_checked(query, key, value, bias, mask, options: _Options):
     """`dot_product_attention` after its checks: the mask, then `attend`."""
     keep = _masks.to_keep_mask(mask, _scores_shape(query, key), target=_SCORES)
     keep, bias = (None if t is None else _rank4(t) for t in (keep, bias))
+    scale = options.scale
+    if scale is None:
+        # A head size unknown while tracing: the query takes the default
+        # scale at run time, the scores none.
+        size = ops.cast(ops.shape(query)[-1], query.dtype)
+        query, scale = query * ops.rsqrt(size), 1.0
     outputs, _ = attend(
         query,
         key,
         value,
         bias,
         keep,
-        options.scale,
+        scale,
         options.temperature,
         flash_attention=options.flash_attention,
         soft_cap=options.soft_cap,

@@ -423,6 +423,27 @@ def test_flash_attention_true_raises_naming_it_where_lengths_are_unknown():
         attend.get_concrete_function()
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="unknown sizes need a graph")
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_a_head_size_unknown_while_tracing_still_scales_by_its_root(is_causal):
+    # The default scale, 1 / sqrt(head size), was 1.0 where the size was
+    # unknown (a `tf.function` with an input signature).
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 5, 3, 16)).astype("float32") for _ in range(3))
+    keep = rng.random((2, 1, 5, 5)) < 0.7
+    spec = tf.TensorSpec((None, None, None, None))
+
+    @tf.function(input_signature=[spec] * 3 + [tf.TensorSpec((None,) * 4, tf.bool)])
+    def attend(q, k, v, keep):
+        return dot_product_attention(q, k, v, mask=keep, is_causal=is_causal)
+
+    expected, _ = reference_attention(q, k, v, mask=keep, is_causal=is_causal)
+    actual = to_numpy(attend(q, k, v, keep))
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
 def _spy_on_the_blocks():
     """A spy on the blocks' kernel: each call's first argument fixes its blocks."""
     from keras_softmax import _blockwise_attention
