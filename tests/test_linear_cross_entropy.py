@@ -538,11 +538,16 @@ def test_a_batch_of_unknown_size_is_chunked_to_its_own_size_not_padded(
     )
 
 
-def test_inputs_with_no_features_give_the_loss_of_the_bias_alone():
-    # D = 0: the logits are the bias (a reshape's -1 failed beside the 0).
+@pytest.mark.parametrize("wrap", [lambda fn: fn, traced], ids=["eager", "traced"])
+def test_inputs_with_no_features_give_the_loss_of_the_bias_alone(wrap):
+    # D = 0: the logits are the bias (a reshape's -1 failed beside the 0;
+    # TensorFlow's graph fused the empty product with the bias, which
+    # aborted the process or dropped the bias).
     labels, _, _, b = _problem()
     inputs, kernel = np.zeros((7, 0), "float32"), np.zeros((0, 11), "float32")
-    losses = linear_cross_entropy(labels, inputs, kernel, b, reduction=None)
+    losses = wrap(
+        lambda h, w, b: linear_cross_entropy(labels, h, w, b, reduction=None)
+    )(inputs, kernel, b)
     np.testing.assert_allclose(
         to_numpy(losses),
         reference_losses(labels, inputs, kernel.astype(np.float64), b),
@@ -552,7 +557,11 @@ def test_inputs_with_no_features_give_the_loss_of_the_bias_alone():
     expected = np.arange(1, 8) @ (softmax(b) - np.eye(11)[labels])
     np.testing.assert_allclose(
         gradient(
-            lambda v: linear_cross_entropy(labels, inputs, kernel, v, reduction=None),
+            wrap(
+                lambda v: linear_cross_entropy(
+                    labels, inputs, kernel, v, reduction=None
+                )
+            ),
             b.astype(np.float64),
         ),
         expected,
@@ -882,6 +891,35 @@ def test_tensorflow_holds_the_kernels_gradient_in_blocks_not_three_whole_tensors
     """
     extra = float(check_python("-c", textwrap.dedent(code)).split()[-1])
     assert extra < 1.5, f"extra peak {extra:.2f} x the kernel"
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's running totals")
+def test_tensorflow_holds_4_mib_blocks_of_classes_64_at_most(monkeypatch):
+    import tensorflow as tf
+
+    monkeypatch.setattr(_backend.edge(), "attention_device", lambda tensors: CPU)
+    blocks = {}
+
+    @tf.function
+    def trace():  # (traced only: nothing is allocated)
+        for shape, axis in [
+            ((512, 131072), 1),
+            ((8192, 131072), 1),
+            ((131072, 8192), 0),
+            ((16, 90), 1),
+        ]:
+            total = _backend.running_total(tf.zeros(shape), "float32", axis)
+            blocks[shape] = sorted({tuple(block.shape) for block in total}, key=str)
+            blocks[shape].append(len(total))
+        return 0
+
+    trace.get_concrete_function()
+    assert blocks == {
+        (512, 131072): [(512, 2048), 64],  # 4 MiB each
+        (8192, 131072): [(8192, 2048), 64],  # 1024 of 4 MiB would be too many
+        (131072, 8192): [(2048, 8192), 64],
+        (16, 90): [(16, 90), 1],
+    }
 
 
 def _products_of(monkeypatch, elements):

@@ -21,7 +21,10 @@ _LARGE = 1 << 16
 _TENSOR = object()
 # Elements in a block of a running total on a CPU (4 MiB of float32; see
 # running_total). On a GPU, blocks of `chunk_elements`: fewer, larger products.
+# At most 64 blocks, each a product and a sum in every step's graph: at
+# D = 8192, 4 MiB blocks would cut V = 131072 into 1024.
 _CPU_TOTAL_BLOCK = 1 << 20
+_MOST_TOTAL_BLOCKS = 64
 
 
 class TensorFlowEdge(Edge):
@@ -64,6 +67,13 @@ class TensorFlowEdge(Edge):
         # integers only: half operands are cast.)
         if float32:
             a, b = tf.cast(a, tf.float32), tf.cast(b, tf.float32)
+        if a.shape[0 if transpose_a else 1] == 0:
+            # An empty sum: in a graph, Grappler fuses the product with a
+            # bias added to it, and that kernel aborts the process on an
+            # empty contraction (oneDNN) or drops the bias (Eigen).
+            rows = tf.shape(a)[1 if transpose_a else 0]
+            columns = tf.shape(b)[0 if transpose_b else 1]
+            return tf.zeros(tf.stack([rows, columns]), a.dtype)
         return tf.linalg.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
     def chunk_elements(self, device: AttentionDevice) -> int:
@@ -92,6 +102,7 @@ class TensorFlowEdge(Edge):
             elements = self.chunk_elements(device)
         length = like.shape[axis]
         size = max(1, elements // max(1, like.shape[1 - axis]))
+        size = max(size, -(-length // _MOST_TOTAL_BLOCKS))
         blocks = []
         for start in range(0, max(length, 1), size):
             shape = [rows, columns]
