@@ -103,23 +103,21 @@ class TensorFlowEdge(Edge):
         length = like.shape[axis]
         size = max(1, elements // max(1, like.shape[1 - axis]))
         size = max(size, -(-length // _MOST_TOTAL_BLOCKS))
+        if size >= length:  # one block: the total itself
+            return super().running_total(like, dtype, axis)
         blocks = []
-        for start in range(0, max(length, 1), size):
+        for start in range(0, length, size):
             shape = [rows, columns]
             shape[axis] = min(size, length - start)
             blocks.append(tf.zeros(shape, dtype))
         return tuple(blocks)
 
     def total_of(self, total, axis: int):
-        if not isinstance(total, tuple):
-            return total
-        return total[0] if len(total) == 1 else tf.concat(total, axis)
+        return tf.concat(total, axis) if isinstance(total, tuple) else total
 
     def add_matmul(self, total, a, b, *, transpose_a=False):
         if not isinstance(total, tuple):
             return super().add_matmul(total, a, b, transpose_a=transpose_a)
-        if len(total) == 1:
-            return (super().add_matmul(total[0], a, b, transpose_a=transpose_a),)
         # The blocks' axis: the one along which the first is shorter than
         # the product (`a`'s rows, or its columns where read transposed).
         rows = a.shape[1 if transpose_a else 0]
